@@ -1,0 +1,1 @@
+"""Click commands, one module each; :mod:`facepipe.cli` registers them lazily."""

@@ -1,0 +1,49 @@
+"""Face detectors and a small registry to build them by name.
+
+>>> from facepipe.detect import create_detector
+>>> det = create_detector("haar")            # doctest: +SKIP
+>>> faces = det.detect(rgb_uint8_image)      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from facepipe.detect.base import Detector, check_image
+from facepipe.errors import UnknownModelError
+
+_FACTORIES: dict[str, Callable[..., Detector]] = {}
+
+
+def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
+    """Decorator registering a detector factory under ``name``."""
+
+    def deco(fn: Callable[..., Detector]) -> Callable[..., Detector]:
+        _FACTORIES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_detector("haar")
+def _haar(**kwargs: Any) -> Detector:
+    from facepipe.detect.haar import HaarDetector
+
+    return HaarDetector(**kwargs)
+
+
+def available_detectors() -> list[str]:
+    """Names accepted by :func:`create_detector`."""
+    return sorted(_FACTORIES)
+
+
+def create_detector(name: str, **kwargs: Any) -> Detector:
+    """Build a detector by registered name; options not meant for it are an error."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise UnknownModelError("detector", name, available_detectors()) from None
+    return factory(**kwargs)
+
+
+__all__ = ["Detector", "check_image", "create_detector", "available_detectors", "register_detector"]

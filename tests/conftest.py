@@ -1,0 +1,37 @@
+"""Shared fixtures: real images (scikit-image's astronaut photo) and the dev data root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facepipe.datasets import data_root
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """Eileen Collins' NASA portrait: a real RGB face photo shipped with scikit-image."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def astronaut_path(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Path:
+    """The astronaut photo written as a JPEG file."""
+    from PIL import Image
+
+    p = tmp_path_factory.mktemp("img") / "astronaut.jpg"
+    Image.fromarray(astronaut).save(p, quality=95)
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``$FACEPIPE_DATA`` (default ../shared/data); tests using it skip when it is absent."""
+    root = data_root(required=False)
+    if root is None:
+        pytest.skip("development data (FACEPIPE_DATA / ../shared/data) not available")
+    return root
