@@ -32,6 +32,13 @@ def _haar(**kwargs: Any) -> Detector:
     return HaarDetector(**kwargs)
 
 
+@register_detector("mtcnn")
+def _mtcnn(**kwargs: Any) -> Detector:
+    from facepipe.detect.mtcnn import MTCNNDetector
+
+    return MTCNNDetector(**kwargs)
+
+
 def available_detectors() -> list[str]:
     """Names accepted by :func:`create_detector`."""
     return sorted(_FACTORIES)
