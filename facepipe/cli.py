@@ -18,6 +18,7 @@ from facepipe import __version__
 #: command name -> (module, attribute, one-line help shown by ``facepipe --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "detect": ("facepipe.commands.detect", "detect", "Find faces in images (Haar cascade or CNN)."),
+    "train": ("facepipe.commands.train", "train", "Train the face classifier or the embedder."),
 }
 
 
