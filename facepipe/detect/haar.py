@@ -64,7 +64,8 @@ class HaarDetector(Detector):
 
     Parameters mirror ``cv2.CascadeClassifier.detectMultiScale``: ``scale_factor`` is
     the pyramid step, ``min_neighbors`` how many overlapping raw hits a face needs,
-    ``min_size`` the smallest face side in pixels (``max_size`` the largest, 0 = none).
+    ``min_size`` the smallest face side in pixels (``max_size`` the largest, 0 = none);
+    ``equalize`` histogram-equalises the grey image first, as OpenCV's samples do.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class HaarDetector(Detector):
         min_neighbors: int = 5,
         min_size: int = 24,
         max_size: int = 0,
+        equalize: bool = True,
     ) -> None:
         import cv2
 
@@ -85,13 +87,18 @@ class HaarDetector(Detector):
             raise ValueError(f"min_size must be >= 1, got {min_size}")
         self.cascade_path = resolve_cascade(cascade)
         self._cascade = cv2.CascadeClassifier()
-        if not self._cascade.load(str(self.cascade_path)):
+        try:
+            loaded = self._cascade.load(str(self.cascade_path))
+        except cv2.error as exc:
+            raise CheckpointError(self.cascade_path, "not a valid OpenCV cascade XML file") from exc
+        if not loaded or self._cascade.empty():
             raise CheckpointError(self.cascade_path, "not a valid OpenCV cascade XML file")
         self.cascade = cascade
         self.scale_factor = float(scale_factor)
         self.min_neighbors = int(min_neighbors)
         self.min_size = int(min_size)
         self.max_size = int(max_size)
+        self.equalize = bool(equalize)
         self.name = "haar"
 
     def describe(self) -> dict[str, object]:
@@ -103,6 +110,7 @@ class HaarDetector(Detector):
             "min_neighbors": self.min_neighbors,
             "min_size": self.min_size,
             "max_size": self.max_size,
+            "equalize": self.equalize,
         }
 
     def detect(self, image: np.ndarray) -> list[Detection]:
@@ -111,7 +119,8 @@ class HaarDetector(Detector):
 
         check_image(image)
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        grey = cv2.equalizeHist(grey)
+        if self.equalize:
+            grey = cv2.equalizeHist(grey)
         max_size = (self.max_size, self.max_size) if self.max_size else (0, 0)
         rects, _levels, weights = self._cascade.detectMultiScale3(
             grey,
