@@ -1,0 +1,166 @@
+"""``facepipe video``: detect, track and identify faces in video files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from facepipe.commands._common import BatchTally, fail, report, setup_logging, verbosity_options
+from facepipe.errors import FacepipeError, NoInputsError
+
+
+def _bar(total: int | None, desc: str, unit: str, position: int, quiet: bool, leave: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, position=position, leave=leave, file=sys.stderr,
+                disable=True if quiet else None, dynamic_ncols=True)
+
+
+def _quiet_decoder_logs(verbose: int) -> None:
+    """Keep FFmpeg's and OpenCV's own warnings (e.g. "moov atom not found") off stderr: a
+    bad file is reported once, as facepipe's one-line error. ``-vv`` shows them."""
+    if verbose >= 2:
+        return
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+@click.command("video")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (input folders are mirrored inside it).")
+@click.option("--gallery", "gallery_dir", type=click.Path(path_type=Path), default=None,
+              help="Identify faces against this gallery directory (else detection and tracking only).")
+@click.option("--detector", "detector_name", default="haar", show_default=True,
+              help="Face detector: haar, cnn, haar+cnn, mtcnn.")
+@click.option("--embedder", default=None,
+              help="Embedder name or checkpoint [default with --gallery: default]. Without a gallery, "
+              "embeddings only help the tracker.")
+@click.option("--min-size", type=click.IntRange(min=1), default=None,
+              help="Smallest face side to find, in pixels [detector's default].")
+@click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Analyse every Nth frame; tracks are interpolated in between.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Frames per detection/embedding batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CNN stages).")
+@click.option("--annotate/--no-annotate", default=True, show_default=True,
+              help="Write NAME.annotated.mp4 with boxes, names and track ids.")
+@click.option("--resume", is_flag=True, help="Skip videos already finished with the same settings.")
+@click.option("--max-gap", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="Seconds a track survives without being seen.")
+@verbosity_options
+def video(
+    inputs: tuple[str, ...],
+    out_dir: Path,
+    gallery_dir: Path | None,
+    detector_name: str,
+    embedder: str | None,
+    min_size: int | None,
+    stride: int,
+    batch_size: int,
+    device: str,
+    annotate: bool,
+    resume: bool,
+    max_gap: float,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """Detect, track and (with --gallery) identify faces in videos.
+
+    INPUT is a video file, a directory (searched recursively for mp4, avi, mkv,
+    mov, webm) or a glob. For each video NAME, the output directory gets
+    NAME.frames.jsonl (one record per frame), NAME.tracks.csv and
+    NAME.tracks.json (one row per track: first/last time, frames, identity,
+    confidence), NAME.annotated.mp4 and, last, the completion marker
+    NAME.done.json. Files that cannot be decoded are reported and skipped; the
+    exit code is 1 if any input failed.
+    """
+    from facepipe.io import ensure_output_dir
+    from facepipe.track import Tracker
+    from facepipe.video import build_analyzer, is_complete, iter_videos, output_paths, process_video
+
+    setup_logging(quiet, verbose)
+    _quiet_decoder_logs(verbose)
+    options: dict[str, Any] = {}
+    if min_size is not None:
+        options["min_size"] = min_size
+    try:
+        out_dir = ensure_output_dir(out_dir)
+        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options)
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    except (ValueError, TypeError) as exc:
+        raise fail(f"detector {detector_name!r}: {exc}") from exc
+
+    tally = BatchTally()
+    found = list(iter_videos(inputs))
+    for bad in found:
+        if isinstance(bad, NoInputsError):
+            tally.fail(str(bad))
+    files = [f for f in found if not isinstance(f, NoInputsError)]
+    threshold = float(analyzer.gallery.threshold) if analyzer.gallery is not None else 0.5
+    settings = {**analyzer.describe(), "stride": stride, "annotate": annotate, "max_gap": max_gap}
+    skipped = frames_total = 0
+    t0 = time.perf_counter()
+    overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
+    try:
+        for item in files:
+            outputs = output_paths(out_dir, item.relative)
+            if resume and is_complete(outputs, item.path, settings):
+                skipped += 1
+                report(f"{item.path}: already done, skipped (--resume)", quiet)
+                overall.update(1)
+                continue
+            bars: dict[str, Any] = {}
+
+            def on_progress(phase: str, done: int, total: int, _name: str = item.path.name) -> None:
+                bar = bars.get(phase)
+                if bar is None:
+                    for b in bars.values():
+                        b.close()
+                    bar = bars[phase] = _bar(total, f"{_name} [{phase}]", "frame", 1, quiet, False)
+                if total > (bar.total or 0):
+                    bar.total = total
+                bar.update(done - bar.n)
+
+            try:
+                result = process_video(
+                    item.path, outputs, analyzer, stride=stride, batch_size=batch_size,
+                    annotate=annotate, tracker=Tracker(max_gap_s=max_gap), unknown_weight=threshold,
+                    settings=settings, on_progress=on_progress,
+                )
+            except FacepipeError as exc:
+                tally.fail(str(exc))
+                continue
+            finally:
+                for b in bars.values():
+                    b.close()
+                overall.update(1)
+            tally.ok += 1
+            tally.items += len(result.tracks)
+            frames_total += result.frames
+            named = sorted({t.identity for t in result.tracks if t.identity and t.identity != "unknown"})
+            report(
+                f"{item.path}: {result.frames} frames ({result.analysed_frames} analysed), "
+                f"{result.faces} faces, {len(result.tracks)} tracks"
+                + (f", identities: {', '.join(named)}" if named else "")
+                + f", {result.fps:.1f} frames/s -> {os.fspath(outputs.tracks_csv.parent)}",
+                quiet,
+            )
+    finally:
+        overall.close()
+    elapsed = time.perf_counter() - t0
+    if len(files) > 1 or tally.failed or skipped:
+        report(
+            f"facepipe: {tally.ok} video(s) processed ({frames_total} frames), {skipped} skipped, "
+            f"{tally.failed} failed, {elapsed:.1f}s",
+            quiet,
+        )
+    raise SystemExit(tally.exit_code)

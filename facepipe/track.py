@@ -1,0 +1,284 @@
+"""Multi-face tracking across video frames and one identity per track.
+
+:class:`Tracker` links the faces of successive *analysed* frames into tracks.
+Each live track predicts where its face is now (constant velocity, in pixels per
+second, so a ``--stride`` gap or a variable frame rate is handled by the time
+step, not by a frame count); a detection and a track may be matched when their
+boxes overlap (IoU with the prediction) or, when both have embeddings, when the
+faces look alike and are not far apart. Pairs are assigned by the Hungarian
+algorithm on an affinity that mixes IoU and cosine similarity; unmatched
+detections start new tracks and tracks not seen for ``max_gap_s`` seconds end.
+
+:func:`vote_identity` gives a track one name from its per-frame gallery
+decisions (a score-weighted majority, ``unknown`` included), so a label does
+not flicker from frame to frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from facepipe.errors import ShapeError
+from facepipe.types import Box, Detection
+
+UNKNOWN = "unknown"
+
+
+def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
+    """Pairwise IoU of two box lists, float64 ``(len(a), len(b))``."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)), dtype=np.float64)
+    A = np.array([bx.xyxy() for bx in a], dtype=np.float64)
+    B = np.array([bx.xyxy() for bx in b], dtype=np.float64)
+    ix = np.clip(np.minimum(A[:, None, 2], B[None, :, 2]) - np.maximum(A[:, None, 0], B[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(A[:, None, 3], B[None, :, 3]) - np.maximum(A[:, None, 1], B[None, :, 1]), 0, None)
+    inter = ix * iy
+    area_a = np.clip(A[:, 2] - A[:, 0], 0, None) * np.clip(A[:, 3] - A[:, 1], 0, None)
+    area_b = np.clip(B[:, 2] - B[:, 0], 0, None) * np.clip(B[:, 3] - B[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return out
+
+
+def assign(affinity: np.ndarray, valid: np.ndarray) -> list[tuple[int, int]]:
+    """Maximum-affinity one-to-one matching among ``valid`` pairs (Hungarian algorithm).
+
+    Returns ``(row, col)`` pairs, each row and column at most once, only pairs with
+    ``valid[row, col]`` true, maximising the summed affinity of the chosen pairs.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if affinity.shape != valid.shape:
+        raise ShapeError(f"affinity {affinity.shape} and valid {valid.shape} differ in shape")
+    if affinity.size == 0 or not valid.any():
+        return []
+    # Square (r+c) problem: each row may instead take its own "unmatched" column and
+    # each column its own "unmatched" row at cost 0, so leaving a pair out is always
+    # allowed and the optimum maximises total affinity (not the number of pairs).
+    # Forbidden entries cost more than any gain the matching could make.
+    r, c = affinity.shape
+    big = float(np.abs(affinity[valid]).sum() + 1.0) * 4.0
+    cost = np.full((r + c, c + r), big)
+    cost[:r, :c] = np.where(valid, -affinity, big)
+    cost[:r, c:][np.diag_indices(r)] = 0.0
+    cost[r:, :c][np.diag_indices(c)] = 0.0
+    cost[r:, c:] = 0.0
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(i), int(j)) for i, j in zip(rows, cols) if i < r and j < c and valid[i, j]]
+
+
+@dataclass
+class Observation:
+    """One face in one analysed frame, as the tracker and the outputs see it.
+
+    ``name``/``score`` are the frame's own gallery decision (``None`` without a
+    gallery); ``embedding`` is a unit vector or ``None`` (detection only).
+    """
+
+    detection: Detection
+    embedding: np.ndarray | None = None
+    name: str | None = None
+    score: float | None = None
+
+
+@dataclass
+class Track:
+    """A face followed across frames; ``votes`` holds its per-frame decisions."""
+
+    track_id: int
+    box: Box
+    last_time: float
+    first_time: float
+    first_frame: int
+    last_frame: int
+    velocity: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    embedding: np.ndarray | None = None
+    hits: int = 1
+    votes: list[tuple[str, float]] = field(default_factory=list)
+    det_scores: list[float] = field(default_factory=list)
+
+    def predict(self, t: float) -> Box:
+        """Where this track's box is expected at time ``t`` (constant velocity)."""
+        dt = max(0.0, t - self.last_time)
+        vx, vy, vw, vh = self.velocity
+        w = max(1.0, self.box.w + vw * dt)
+        h = max(1.0, self.box.h + vh * dt)
+        return Box(self.box.x + vx * dt, self.box.y + vy * dt, w, h)
+
+
+class Tracker:
+    """IoU + embedding-similarity tracker over the analysed frames of one video.
+
+    ``iou_min``: least IoU (with the predicted box) for a position match;
+    ``sim_min``: least cosine similarity for an appearance match, which also
+    needs the centres within ``max_jump`` box sizes; ``iou_weight``: share of IoU
+    in the affinity (the rest is similarity) when embeddings are present;
+    ``max_gap_s``: how long a track survives unseen; ``ema``: how fast a track's
+    reference embedding follows new frames.
+    """
+
+    def __init__(
+        self,
+        iou_min: float = 0.2,
+        sim_min: float = 0.5,
+        iou_weight: float = 0.5,
+        max_gap_s: float = 1.0,
+        max_jump: float = 1.5,
+        ema: float = 0.3,
+    ) -> None:
+        if not 0.0 <= iou_weight <= 1.0:
+            raise ValueError(f"iou_weight must be in [0, 1], got {iou_weight}")
+        if max_gap_s < 0:
+            raise ValueError(f"max_gap_s must be >= 0, got {max_gap_s}")
+        self.iou_min = float(iou_min)
+        self.sim_min = float(sim_min)
+        self.iou_weight = float(iou_weight)
+        self.max_gap_s = float(max_gap_s)
+        self.max_jump = float(max_jump)
+        self.ema = float(ema)
+        self.active: list[Track] = []
+        self.finished: list[Track] = []
+        self._next_id = 1
+
+    @property
+    def tracks(self) -> list[Track]:
+        """Every track so far (ended and live), by id."""
+        return sorted(self.finished + self.active, key=lambda t: t.track_id)
+
+    def _affinity(self, preds: list[Box], tracks: list[Track],
+                  obs: Sequence[Observation]) -> tuple[np.ndarray, np.ndarray]:
+        boxes = [o.detection.box for o in obs]
+        iou = iou_matrix(preds, boxes)
+        pc = np.array([p.center for p in preds], dtype=np.float64)
+        dc = np.array([b.center for b in boxes], dtype=np.float64)
+        dist = np.linalg.norm(pc[:, None, :] - dc[None, :, :], axis=2)
+        psize = np.array([max(p.w, p.h, 1.0) for p in preds], dtype=np.float64)[:, None]
+        dsize = np.array([max(b.w, b.h, 1.0) for b in boxes], dtype=np.float64)[None, :]
+        ratio = np.maximum(psize / dsize, dsize / psize)
+        # Closeness 1 at the predicted centre, 0 at ``max_jump`` box sizes away: catches
+        # fast faces (or long stride gaps) whose boxes no longer overlap the prediction.
+        closeness = np.clip(1.0 - dist / (self.max_jump * np.maximum(psize, dsize)), 0.0, 1.0)
+        valid = (iou >= self.iou_min) | ((closeness > 0) & (ratio <= 2.0))
+        pos = np.maximum(iou, 0.5 * closeness)
+        aff = pos.copy()
+        have_emb = [t.embedding is not None for t in tracks]
+        obs_emb = [o.embedding is not None for o in obs]
+        if any(have_emb) and any(obs_emb):
+            dim = next(o.embedding for o in obs if o.embedding is not None).shape[0]
+            T = np.zeros((len(tracks), dim), dtype=np.float64)
+            D = np.zeros((len(obs), dim), dtype=np.float64)
+            for i, t in enumerate(tracks):
+                if t.embedding is not None:
+                    T[i] = t.embedding
+            for j, o in enumerate(obs):
+                if o.embedding is not None:
+                    D[j] = o.embedding
+            sim = T @ D.T
+            both = np.outer(have_emb, obs_emb)
+            # Appearance match: the same-looking face, up to twice as far as a position match.
+            near = dist <= 2.0 * self.max_jump * np.maximum(psize, dsize)
+            valid = np.where(both, valid | ((sim >= self.sim_min) & near), valid)
+            # With embeddings on both sides a pair must also look alike, so two people
+            # crossing do not swap tracks on overlap alone.
+            valid &= ~both | (sim >= self.sim_min * 0.5)
+            aff = np.where(both, self.iou_weight * pos + (1 - self.iou_weight) * np.clip(sim, 0, 1), pos)
+        return aff, valid
+
+    def update(self, frame_index: int, t: float, observations: Sequence[Observation]) -> list[int]:
+        """Match one analysed frame's faces to tracks; returns a track id per observation."""
+        # End tracks unseen for too long (before matching, so they cannot be revived).
+        still: list[Track] = []
+        for tr in self.active:
+            (still if t - tr.last_time <= self.max_gap_s else self.finished).append(tr)
+        self.active = still
+        preds = [tr.predict(t) for tr in self.active]
+        ids = [0] * len(observations)
+        matched_obs: set[int] = set()
+        if self.active and observations:
+            aff, valid = self._affinity(preds, self.active, observations)
+            for r, c in assign(aff, valid):
+                self._extend(self.active[r], frame_index, t, observations[c])
+                ids[c] = self.active[r].track_id
+                matched_obs.add(c)
+        for j, o in enumerate(observations):
+            if j in matched_obs:
+                continue
+            tr = Track(
+                track_id=self._next_id, box=o.detection.box, last_time=t, first_time=t,
+                first_frame=frame_index, last_frame=frame_index,
+                embedding=None if o.embedding is None else np.asarray(o.embedding, dtype=np.float64),
+            )
+            self._record(tr, o)
+            self._next_id += 1
+            self.active.append(tr)
+            ids[j] = tr.track_id
+        return ids
+
+    def _extend(self, tr: Track, frame_index: int, t: float, o: Observation) -> None:
+        dt = t - tr.last_time
+        nb = o.detection.box
+        if dt > 0:
+            new_v = ((nb.x - tr.box.x) / dt, (nb.y - tr.box.y) / dt,
+                     (nb.w - tr.box.w) / dt, (nb.h - tr.box.h) / dt)
+            # Smooth velocity: detections jitter by a few pixels.
+            a = 0.5 if tr.hits > 1 else 1.0
+            tr.velocity = tuple(a * n + (1 - a) * v for n, v in zip(new_v, tr.velocity))  # type: ignore[assignment]
+        tr.box = nb
+        tr.last_time = t
+        tr.last_frame = frame_index
+        tr.hits += 1
+        if o.embedding is not None:
+            e = np.asarray(o.embedding, dtype=np.float64)
+            if tr.embedding is None:
+                tr.embedding = e
+            else:
+                m = (1 - self.ema) * tr.embedding + self.ema * e
+                n = np.linalg.norm(m)
+                tr.embedding = m / n if n > 0 else e
+        self._record(tr, o)
+
+    @staticmethod
+    def _record(tr: Track, o: Observation) -> None:
+        tr.det_scores.append(float(o.detection.score))
+        if o.name is not None:
+            tr.votes.append((o.name, float(o.score) if o.score is not None else 0.0))
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A track's identity: ``name`` (``unknown`` or ``None`` without votes), ``confidence``
+    (the winner's share of the vote weight, 0..1) and ``mean_score`` (mean gallery
+    similarity over the frames that voted for the winner)."""
+
+    name: str | None
+    confidence: float
+    mean_score: float | None
+    frames: int
+
+
+def vote_identity(votes: Sequence[tuple[str, float]], unknown_weight: float) -> Vote:
+    """Score-weighted majority over a track's per-frame decisions.
+
+    A frame that matched a gallery identity votes for it with its similarity
+    score as weight; an ``unknown`` frame votes for ``unknown`` with weight
+    ``unknown_weight`` (use the gallery's threshold: an unknown frame counts as
+    much as a match just at the threshold). Ties go to the name seen in more
+    frames, then to ``unknown``.
+    """
+    if not votes:
+        return Vote(None, 0.0, None, 0)
+    weights: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    scores: dict[str, list[float]] = {}
+    for name, score in votes:
+        w = float(unknown_weight) if name == UNKNOWN else max(float(score), 1e-6)
+        weights[name] = weights.get(name, 0.0) + max(w, 1e-6)
+        counts[name] = counts.get(name, 0) + 1
+        scores.setdefault(name, []).append(float(score))
+    best = max(weights, key=lambda n: (weights[n], counts[n], n == UNKNOWN))
+    total = sum(weights.values())
+    return Vote(best, weights[best] / total, float(np.mean(scores[best])), len(votes))

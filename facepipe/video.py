@@ -1,0 +1,828 @@
+"""Batch video processing: decoding, batched face analysis, tracking and outputs.
+
+Decoding (OpenCV's FFmpeg backend) runs in a reader thread that fills a bounded
+queue with batches of frames, so the detector and embedder never wait for the
+decoder (OpenCV and PyTorch release the GIL while they work). Timestamps come
+from each frame's presentation time (``CAP_PROP_POS_MSEC``), so variable frame
+rate videos keep correct times; rotation metadata (phone videos) is applied by
+OpenCV's auto-orientation and reported in :class:`VideoInfo`.
+
+Per video, :func:`process_video` writes next to each other in the output folder
+(``NAME`` is the input's file name, e.g. ``clip.mp4``)::
+
+    NAME.frames.jsonl     one record per frame: index, time, faces with box, score, track, name
+    NAME.tracks.csv       one row per track: first/last time, frame count, identity, confidence
+    NAME.tracks.json      the same as JSON, plus the video's metadata
+    NAME.annotated.mp4    boxes, names and track ids drawn (unless annotate=False)
+    NAME.done.json        completion marker, written last
+
+Every file is written under a hidden temporary name and renamed when the whole
+video has been processed; the completion marker is removed before and written
+after the renames, so an interrupted run never leaves outputs that look
+complete, and ``resume`` skips exactly the videos whose marker is present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from facepipe.errors import DeviceUnavailableError, NoInputsError, OutputError, VideoReadError
+from facepipe.io import InputFile, iter_inputs
+from facepipe.track import UNKNOWN, Observation, Tracker, vote_identity
+from facepipe.types import Box, Detection
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm"})
+
+#: Version of the output layout recorded in the completion marker.
+OUTPUT_VERSION = 1
+
+#: A video whose decoder stops before this share of the frames its container
+#: declares is reported as truncated (containers' counts can be estimates).
+TRUNCATION_TOLERANCE = 0.05
+
+
+def iter_videos(args: Sequence[str | os.PathLike[str]]) -> Iterator[InputFile | NoInputsError]:
+    """Expand files, directories (walked) and globs into video files (mp4, avi, mkv, mov, webm)."""
+    return iter_inputs(args, VIDEO_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video.
+
+    ``width``/``height`` are of the frames as delivered (after rotation);
+    ``fps`` is the average rate (0 if unknown; with a variable frame rate use
+    each frame's timestamp instead); ``frame_count`` is the container's count
+    or estimate (0 if unknown); ``rotation`` the metadata angle in degrees that
+    has been applied.
+    """
+
+    path: str
+    width: int
+    height: int
+    fps: float
+    frame_count: int
+    rotation: int
+    codec: str
+
+    @property
+    def duration_s(self) -> float:
+        """Approximate duration from frame count and average rate (0 if unknown)."""
+        return self.frame_count / self.fps if self.fps > 0 else 0.0
+
+
+def _open_capture(path: str | os.PathLike[str]) -> tuple[Any, VideoInfo]:
+    """Open a video with auto-orientation; raise :class:`VideoReadError` if it cannot be opened."""
+    import cv2
+
+    p = Path(path)
+    if not p.exists():
+        raise VideoReadError(p, "no such file")
+    if p.is_dir():
+        raise VideoReadError(p, "is a directory, not a video")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise VideoReadError(p, f"cannot read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise VideoReadError(p, "empty file (0 bytes)")
+    if not os.access(p, os.R_OK):
+        raise VideoReadError(p, "permission denied")
+    cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        cap.release()
+        raise VideoReadError(p, "cannot open video (corrupt, truncated or unsupported format)")
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC) or 0)
+    codec = "".join(chr((fourcc >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00 ") if fourcc else ""
+    info = VideoInfo(
+        path=str(p),
+        width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0),
+        height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0),
+        fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
+        frame_count=max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)),
+        rotation=int(round(cap.get(cv2.CAP_PROP_ORIENTATION_META) or 0)) % 360,
+        codec=codec,
+    )
+    return cap, info
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """Open a video, read its metadata and close it (raises :class:`VideoReadError`)."""
+    cap, info = _open_capture(path)
+    cap.release()
+    return info
+
+
+@dataclass
+class Frame:
+    """One video frame: ``index`` (0-based decode order), ``time`` in seconds from the
+    stream start, and the RGB ``uint8`` image, or ``None`` for a frame skipped by
+    the stride (its timestamp is still known)."""
+
+    index: int
+    time: float
+    image: np.ndarray | None
+
+
+_END = object()
+
+
+class VideoReader:
+    """Decode a video in a background thread into batches of frames.
+
+    Iterating yields lists of :class:`Frame` in order. Every frame appears;
+    only every ``stride``-th frame is decoded to an image (the others are
+    grabbed for their timestamp only), and a batch holds up to ``batch_size``
+    decoded frames plus the skipped ones between them. At most
+    ``queue_batches`` batches wait in memory. After the last batch, a video
+    whose decoder stopped well short of the container's frame count raises
+    :class:`VideoReadError` (truncated or corrupt). ``decode_seconds`` is the
+    reader thread's busy time.
+
+    Use as a context manager (or call :meth:`close`) so the thread stops when
+    the consumer stops early.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int = 16,
+        stride: int = 1,
+        queue_batches: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        self.path = Path(path)
+        self.batch_size = int(batch_size)
+        self.stride = int(stride)
+        self._cap, self.info = _open_capture(path)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(queue_batches)))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.frames_read = 0
+        self.frames_decoded = 0
+        self.decode_seconds = 0.0
+        self._finished = False
+
+    # -- thread side
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        import cv2
+
+        cap = self._cap
+        batch: list[Frame] = []
+        decoded_in_batch = 0
+        fps = self.info.fps
+        prev_t = -1.0
+        try:
+            index = 0
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                if not cap.grab():
+                    self.decode_seconds += time.perf_counter() - t0
+                    break
+                t = float(cap.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+                if not np.isfinite(t) or (index > 0 and t <= prev_t):
+                    # No usable timestamp: step by the average rate from the last one.
+                    t = prev_t + (1.0 / fps if fps > 0 else 0.0) if index > 0 else 0.0
+                prev_t = t
+                image = None
+                if index % self.stride == 0:
+                    ok, bgr = cap.retrieve()
+                    if not ok or bgr is None:
+                        self.decode_seconds += time.perf_counter() - t0
+                        break
+                    if bgr.ndim == 2:
+                        image = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
+                    else:
+                        image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    self.frames_decoded += 1
+                    decoded_in_batch += 1
+                self.decode_seconds += time.perf_counter() - t0
+                batch.append(Frame(index, t, image))
+                index += 1
+                self.frames_read = index
+                if decoded_in_batch >= self.batch_size:
+                    if not self._put(batch):
+                        return
+                    batch, decoded_in_batch = [], 0
+            if batch and not self._put(batch):
+                return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+
+    # -- consumer side
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[list[Frame]]:
+        if self._thread is not None:
+            raise RuntimeError("a VideoReader can be iterated only once")
+        self._thread = threading.Thread(target=self._run, name=f"facepipe-decode:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    if isinstance(item, VideoReadError):
+                        raise item
+                    raise VideoReadError(self.path, f"decoding failed ({item})") from item
+                yield item
+        finally:
+            self.close()
+        self._finished = True
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        n, expected = self.frames_read, self.info.frame_count
+        if n == 0:
+            raise VideoReadError(self.path, "no frame could be decoded (corrupt or truncated video)")
+        if expected > 0 and n < expected * (1.0 - TRUNCATION_TOLERANCE) and expected - n > 1:
+            raise VideoReadError(
+                self.path, f"truncated or corrupt: decoded {n} of {expected} frames"
+            )
+
+    def close(self) -> None:
+        """Stop the reader thread and release the decoder."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            # Drain so a blocked put() sees the stop flag.
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=5.0)
+        if self._cap is not None and (self._thread is None or not self._thread.is_alive()):
+            self._cap.release()
+            self._cap = None
+
+
+def read_frames(path: str | os.PathLike[str], stride: int = 1) -> Iterator[Frame]:
+    """All frames of a video in order (decoded every ``stride``-th); a convenience over :class:`VideoReader`."""
+    with VideoReader(path, batch_size=8, stride=stride) as reader:
+        for batch in reader:
+            yield from batch
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def identify_embeddings(gallery: Any, embeddings: np.ndarray) -> list[tuple[str, float]]:
+    """The gallery's open-set decision ``(name or "unknown", score)`` for each embedding."""
+    out = []
+    for d in gallery.identify(embeddings):
+        score = float(d.score)
+        out.append((d.name, score if np.isfinite(score) else 0.0))
+    return out
+
+
+def gallery_description(gallery: Any) -> dict[str, Any]:
+    """What identifies a gallery's answers: directory, generation, embedder and threshold."""
+    return {
+        "directory": str(getattr(gallery, "directory", "")),
+        "generation": int(getattr(gallery, "generation", 0)),
+        "embedder": str(getattr(gallery, "embedder_id", "")),
+        "threshold": float(gallery.threshold),
+    }
+
+
+#: Stages whose time :class:`FrameAnalyzer` measures, in pipeline order.
+STAGES = ("decode", "detect", "align", "embed", "search", "track", "write", "annotate")
+
+
+class FrameAnalyzer:
+    """Detect, align, embed and identify the faces of a batch of frames.
+
+    ``detector`` is any :class:`~facepipe.detect.Detector` (its ``detect_batch``
+    gets the whole batch, so a CNN detector runs one forward pass for many
+    frames). With an ``embedder`` every face is aligned (``align`` maps an image
+    and its detections to crops; default: landmark alignment when the detector
+    gives landmarks, else a box crop) and all faces of the batch are embedded in
+    one call. With a ``gallery`` (needs an embedder) each face gets the
+    gallery's open-set decision. ``timings`` accumulates seconds per stage.
+    """
+
+    def __init__(
+        self,
+        detector: Any,
+        embedder: Any | None = None,
+        gallery: Any | None = None,
+        align: Callable[[np.ndarray, list[Detection]], list[np.ndarray]] | None = None,
+    ) -> None:
+        if gallery is not None and embedder is None:
+            raise ValueError("a gallery needs an embedder")
+        self.detector = detector
+        self.embedder = embedder
+        self.gallery = gallery
+        self._align = align
+        self.timings: dict[str, float] = {s: 0.0 for s in ("detect", "align", "embed", "search")}
+        self.faces = 0
+
+    def _crops(self, image: np.ndarray, dets: list[Detection]) -> list[np.ndarray]:
+        if self._align is not None:
+            return list(self._align(image, dets))
+        from facepipe.align import align_face, box_crop
+
+        size = int(getattr(self.embedder, "crop_size", 112))
+        out = []
+        for d in dets:
+            if d.landmarks is not None:
+                out.append(align_face(image, d.landmarks_array(), size))
+            else:
+                out.append(box_crop(image, d.box, size))
+        return out
+
+    def analyze(self, images: Sequence[np.ndarray]) -> list[list[Observation]]:
+        """One list of :class:`~facepipe.track.Observation` per image, in order."""
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        dets = self.detector.detect_batch(list(images))
+        t1 = time.perf_counter()
+        self.timings["detect"] += t1 - t0
+        n = sum(len(d) for d in dets)
+        self.faces += n
+        result = [[Observation(d) for d in ds] for ds in dets]
+        if self.embedder is None or n == 0:
+            return result
+        crops: list[np.ndarray] = []
+        for image, ds in zip(images, dets):
+            if ds:
+                crops.extend(self._crops(image, ds))
+        t2 = time.perf_counter()
+        self.timings["align"] += t2 - t1
+        emb = np.asarray(self.embedder.embed(np.stack(crops)), dtype=np.float32)
+        t3 = time.perf_counter()
+        self.timings["embed"] += t3 - t2
+        decisions: list[tuple[str, float]] | None = None
+        if self.gallery is not None:
+            decisions = identify_embeddings(self.gallery, emb)
+        self.timings["search"] += time.perf_counter() - t3
+        k = 0
+        for obs in result:
+            for o in obs:
+                o.embedding = emb[k]
+                if decisions is not None:
+                    o.name, o.score = decisions[k]
+                k += 1
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        """Settings identifying this analysis (recorded in completion markers for --resume)."""
+        d: dict[str, Any] = {"detector": self.detector.describe()}
+        if self.embedder is not None:
+            d["embedder"] = self.embedder.embedder_id
+        if self.gallery is not None:
+            d["gallery"] = gallery_description(self.gallery)
+        return d
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class VideoOutputs:
+    """Where one video's results go (see the module docstring)."""
+
+    frames: Path
+    tracks_csv: Path
+    tracks_json: Path
+    annotated: Path
+    marker: Path
+
+    def partial(self, p: Path) -> Path:
+        """The hidden temporary name a file is written under before its rename."""
+        if p.suffix == ".mp4":  # the muxer is chosen from the extension
+            return p.with_name(f".{p.stem}.partial.mp4")
+        return p.with_name(f".{p.name}.partial")
+
+    def files(self, annotate: bool) -> list[Path]:
+        """The result files (without the marker)."""
+        out = [self.frames, self.tracks_csv, self.tracks_json]
+        return out + [self.annotated] if annotate else out
+
+
+def output_paths(out_dir: str | os.PathLike[str], relative: str | os.PathLike[str]) -> VideoOutputs:
+    """Output files for a video: ``out_dir/<relative path>.<kind>``, mirroring input folders."""
+    rel = Path(relative)
+    base = Path(out_dir) / rel.parent
+    name = rel.name
+    return VideoOutputs(
+        frames=base / f"{name}.frames.jsonl",
+        tracks_csv=base / f"{name}.tracks.csv",
+        tracks_json=base / f"{name}.tracks.json",
+        annotated=base / f"{name}.annotated.mp4",
+        marker=base / f"{name}.done.json",
+    )
+
+
+def _source_fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_complete(outputs: VideoOutputs, source: str | os.PathLike[str], settings: dict[str, Any]) -> bool:
+    """Whether a finished run with the same settings and source file left all outputs."""
+    try:
+        marker = json.loads(outputs.marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("version") != OUTPUT_VERSION:
+        return False
+    try:
+        if marker.get("source") != _source_fingerprint(Path(source)):
+            return False
+    except OSError:
+        return False
+    if marker.get("settings") != json.loads(json.dumps(settings)):
+        return False
+    return all((outputs.marker.parent / f).is_file() for f in marker.get("files", []))
+
+
+@dataclass
+class TrackSummary:
+    """One row of the per-track summary."""
+
+    track: int
+    first_frame: int
+    last_frame: int
+    first_time: float
+    last_time: float
+    frames: int
+    identity: str | None
+    confidence: float | None
+    mean_score: float | None
+    mean_det_score: float
+
+
+@dataclass
+class VideoResult:
+    """What processing one video produced, with per-stage timings (seconds)."""
+
+    path: str
+    info: VideoInfo
+    frames: int
+    analysed_frames: int
+    faces: int
+    tracks: list[TrackSummary]
+    timings: dict[str, float]
+    wall_seconds: float
+    analysis_seconds: float
+    outputs: VideoOutputs | None = None
+    skipped: bool = False
+
+    @property
+    def fps(self) -> float:
+        """Frames per second through the analysis pass (decode to tracks)."""
+        return self.frames / self.analysis_seconds if self.analysis_seconds > 0 else 0.0
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _face_record(track: int, box: Box, score: float | None, o: Observation | None,
+                 interpolated: bool) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "track": track,
+        "x": round(box.x, 1), "y": round(box.y, 1), "w": round(box.w, 1), "h": round(box.h, 1),
+        "score": _r(score),
+    }
+    if o is not None and o.name is not None:
+        rec["frame_name"] = o.name
+        rec["frame_score"] = _r(o.score)
+    if interpolated:
+        rec["interpolated"] = True
+    return rec
+
+
+def _lerp_box(a: dict[str, Any], b: dict[str, Any], f: float) -> Box:
+    return Box(*(a[k] + (b[k] - a[k]) * f for k in ("x", "y", "w", "h")))
+
+
+def _carry(pending: list[dict[str, Any]], prev: dict[str, Any] | None, nxt: dict[str, Any] | None) -> None:
+    """Fill skipped frames' faces: tracks seen in both neighbouring analysed frames are
+    interpolated in time; after the last analysed frame the boxes are held."""
+    if prev is None:
+        return
+    prev_faces = {f["track"]: f for f in prev["faces"]}
+    if nxt is None:
+        for rec in pending:
+            rec["faces"] = [_face_record(t, Box(f["x"], f["y"], f["w"], f["h"]), None, None, True)
+                            for t, f in prev_faces.items()]
+        return
+    next_faces = {f["track"]: f for f in nxt["faces"]}
+    span = nxt["time"] - prev["time"]
+    for rec in pending:
+        frac = (rec["time"] - prev["time"]) / span if span > 0 else 0.0
+        frac = min(max(frac, 0.0), 1.0)
+        rec["faces"] = [
+            _face_record(t, _lerp_box(prev_faces[t], next_faces[t], frac), None, None, True)
+            for t in prev_faces if t in next_faces
+        ]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not remove %s: %s", p, exc)
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def process_video(
+    path: str | os.PathLike[str],
+    outputs: VideoOutputs,
+    analyzer: FrameAnalyzer,
+    *,
+    stride: int = 1,
+    batch_size: int = 16,
+    annotate: bool = True,
+    tracker: Tracker | None = None,
+    unknown_weight: float = 0.5,
+    settings: dict[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> VideoResult:
+    """Analyse one video and write its outputs atomically (see the module docstring).
+
+    ``on_progress(phase, frames_done, total)`` is called as frames go by, with
+    ``phase`` ``"analyse"`` then ``"annotate"``. Raises :class:`VideoReadError`
+    for a video that cannot be opened, decodes no frame or is truncated (no
+    output is left behind) and :class:`OutputError` when results cannot be
+    written.
+    """
+    src = Path(path)
+    tracker = tracker or Tracker()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {s: 0.0 for s in STAGES}
+    det0 = dict(analyzer.timings)
+    faces0 = analyzer.faces
+    files = outputs.files(annotate)
+    tmp = {p: outputs.partial(p) for p in files}
+    raw = outputs.partial(outputs.frames).with_name(f".{outputs.frames.name}.raw.partial")
+    try:
+        outputs.marker.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(outputs.marker.parent, f"cannot create directory ({exc.strerror or exc})") from exc
+    # A stale marker must not vouch for files this run is about to replace.
+    _remove([outputs.marker])
+    cleanup = list(tmp.values()) + [raw]
+    try:
+        with VideoReader(src, batch_size=batch_size, stride=stride) as reader:
+            info = reader.info
+            total = info.frame_count
+            analysed = 0
+            prev_rec: dict[str, Any] | None = None
+            pending: list[dict[str, Any]] = []
+            try:
+                raw_f = raw.open("w")
+            except OSError as exc:
+                raise OutputError(raw, f"cannot write ({exc.strerror or exc})") from exc
+            with raw_f:
+                def flush(recs: list[dict[str, Any]]) -> None:
+                    for rec in recs:
+                        raw_f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+                for batch in reader:
+                    images = [f.image for f in batch if f.image is not None]
+                    observations = iter(analyzer.analyze(images))  # type: ignore[arg-type]
+                    t0 = time.perf_counter()
+                    for fr in batch:
+                        rec: dict[str, Any] = {"frame": fr.index, "time": round(fr.time, 4),
+                                               "analysed": fr.image is not None, "faces": []}
+                        if fr.image is None:
+                            pending.append(rec)
+                            continue
+                        obs = next(observations)
+                        ids = tracker.update(fr.index, fr.time, obs)
+                        rec["faces"] = [_face_record(i, o.detection.box, o.detection.score, o, False)
+                                        for i, o in zip(ids, obs)]
+                        _carry(pending, prev_rec, rec)
+                        flush(pending)
+                        flush([rec])
+                        pending, prev_rec = [], rec
+                        analysed += 1
+                    timings["track"] += time.perf_counter() - t0
+                    if on_progress is not None:
+                        on_progress("analyse", batch[-1].index + 1, max(total, batch[-1].index + 1))
+                _carry(pending, prev_rec, None)
+                flush(pending)
+            n_frames = reader.frames_read
+            timings["decode"] = reader.decode_seconds
+        analysis_seconds = time.perf_counter() - t_start
+        for s in ("detect", "align", "embed", "search"):
+            timings[s] = analyzer.timings[s] - det0.get(s, 0.0)
+
+        # Identities: one vote per track, then the final per-frame records.
+        t0 = time.perf_counter()
+        summaries: list[TrackSummary] = []
+        votes: dict[int, Any] = {}
+        for tr in tracker.tracks:
+            v = vote_identity(tr.votes, unknown_weight) if tr.votes else None
+            votes[tr.track_id] = v
+            summaries.append(TrackSummary(
+                track=tr.track_id, first_frame=tr.first_frame, last_frame=tr.last_frame,
+                first_time=round(tr.first_time, 4), last_time=round(tr.last_time, 4), frames=tr.hits,
+                identity=v.name if v else None, confidence=_r(v.confidence) if v else None,
+                mean_score=_r(v.mean_score) if v else None,
+                mean_det_score=round(float(np.mean(tr.det_scores)), 4) if tr.det_scores else 0.0,
+            ))
+        with raw.open() as fin, tmp[outputs.frames].open("w") as fout:
+            for line in fin:
+                rec = json.loads(line)
+                for face in rec["faces"]:
+                    v = votes.get(face["track"])
+                    face["name"] = v.name if v else None
+                    face["identity_confidence"] = _r(v.confidence) if v else None
+                fout.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        _remove([raw])
+        header = list(TrackSummary.__dataclass_fields__)
+        with tmp[outputs.tracks_csv].open("w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(header)
+            for s in summaries:
+                w.writerow(["" if getattr(s, k) is None else getattr(s, k) for k in header])
+        _write_json(tmp[outputs.tracks_json], {
+            "video": str(src), "info": asdict(info), "frames": n_frames, "analysed_frames": analysed,
+            "stride": stride, "tracks": [asdict(s) for s in summaries],
+        })
+        timings["write"] = time.perf_counter() - t0
+
+        if annotate:
+            t0 = time.perf_counter()
+            _annotate(src, tmp[outputs.frames], tmp[outputs.annotated], info, batch_size, n_frames,
+                      on_progress)
+            timings["annotate"] = time.perf_counter() - t0
+
+        # Publish: results first, the completion marker last.
+        for final, part in tmp.items():
+            os.replace(part, final)
+        result = VideoResult(
+            path=str(src), info=info, frames=n_frames, analysed_frames=analysed,
+            faces=analyzer.faces - faces0, tracks=summaries, timings=timings,
+            wall_seconds=time.perf_counter() - t_start, analysis_seconds=analysis_seconds,
+            outputs=outputs,
+        )
+        marker = {
+            "version": OUTPUT_VERSION,
+            "video": str(src),
+            "source": _source_fingerprint(src),
+            "settings": settings if settings is not None else {},
+            "files": [p.name for p in files],
+            "frames": n_frames,
+            "analysed_frames": analysed,
+            "faces": result.faces,
+            "tracks": len(summaries),
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "wall_seconds": round(result.wall_seconds, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        mtmp = outputs.partial(outputs.marker)
+        _write_json(mtmp, marker)
+        os.replace(mtmp, outputs.marker)
+        return result
+    except OSError as exc:
+        raise OutputError(outputs.marker.parent, f"cannot write results ({exc.strerror or exc})") from exc
+    finally:
+        _remove([p for p in cleanup if p.exists()])
+
+
+def _label(face: dict[str, Any]) -> str:
+    name = face.get("name")
+    return f"#{face['track']} {name}" if name else f"#{face['track']}"
+
+
+def _annotate(src: Path, frames_jsonl: Path, out: Path, info: VideoInfo, batch_size: int,
+              n_frames: int, on_progress: ProgressFn | None) -> None:
+    """Second pass: re-decode the video and draw the final per-frame records on it."""
+    import cv2
+
+    from facepipe.draw import color_for, draw_detections
+
+    writer = None
+    try:
+        with VideoReader(src, batch_size=batch_size, stride=1) as reader, frames_jsonl.open() as recs:
+            fps = info.fps if info.fps > 0 else 25.0
+            for batch in reader:
+                for fr in batch:
+                    line = recs.readline()
+                    faces = json.loads(line)["faces"] if line else []
+                    if fr.image is None:  # stride 1 decodes every frame
+                        continue
+                    if writer is None:
+                        h, w = fr.image.shape[:2]
+                        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        if not writer.isOpened():
+                            raise OutputError(out, "cannot open an MP4 writer (mp4v)")
+                    dets = [Detection(Box(f["x"], f["y"], f["w"], f["h"]), f["score"] or 0.0, "track")
+                            for f in faces]
+                    img = draw_detections(fr.image, dets, labels=[_label(f) for f in faces],
+                                          colors=[color_for(f["track"]) for f in faces])
+                    writer.write(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                if on_progress is not None:
+                    on_progress("annotate", batch[-1].index + 1, max(n_frames, batch[-1].index + 1))
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def build_analyzer(
+    detector: str = "haar",
+    embedder: str | None = None,
+    gallery: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    detector_options: dict[str, Any] | None = None,
+) -> FrameAnalyzer:
+    """Build the detector, embedder and gallery a video run asks for.
+
+    With a ``gallery`` and no ``embedder`` the default embedder is used; the
+    gallery refuses vectors from an embedder other than the one it was built
+    with. ``device`` goes to the CNN stages (the Haar detector is CPU-only).
+    Raises the library's typed errors (unknown names, missing checkpoints,
+    unavailable device, bad gallery).
+    """
+    from facepipe.detect import create_detector
+    from facepipe.device import validate_device_spec
+
+    validate_device_spec(device)
+    opts = dict(detector_options or {})
+    if detector != "haar":
+        opts.setdefault("device", device)
+    det = create_detector(detector, **opts)
+    emb = None
+    gal = None
+    if gallery is not None and embedder is None:
+        embedder = "default"
+    if embedder is not None:
+        from facepipe.embed import load_embedder
+
+        emb = load_embedder(embedder, device=device)
+    if gallery is not None:
+        from facepipe.gallery import Gallery
+
+        gal = Gallery.open(gallery, embedder_id=emb.embedder_id if emb is not None else None)
+        try:
+            gal.to_device(device)
+        except DeviceUnavailableError as exc:
+            # faiss-cpu has no GPU search; searching a gallery on the CPU is exact and cheap
+            # next to the CNN stages, so a CUDA run keeps going with CPU search.
+            if not device.strip().lower().startswith("cuda"):
+                raise
+            log.info("gallery search stays on the CPU: %s", exc)
+    align = _pipeline_aligner(emb) if emb is not None else None
+    return FrameAnalyzer(det, emb, gal, align=align)
+
+
+def _pipeline_aligner(embedder: Any) -> Callable[[np.ndarray, list[Detection]], list[np.ndarray]] | None:
+    """The embedder's own alignment when it has one (dlib), else the library default."""
+    own = getattr(embedder, "align", None)
+    if callable(own):
+        return lambda image, dets: [own(image, d) for d in dets]
+    return None
