@@ -6,7 +6,7 @@ second, so a ``--stride`` gap or a variable frame rate is handled by the time
 step, not by a frame count); a detection and a track may be matched when their
 boxes overlap (IoU with the prediction) or, when both have embeddings, when the
 faces look alike and are not far apart. Pairs are assigned by the Hungarian
-algorithm on an affinity that mixes IoU and cosine similarity; unmatched
+algorithm (:func:`assign`) on an affinity that mixes position and cosine similarity; unmatched
 detections start new tracks and tracks not seen for ``max_gap_s`` seconds end.
 
 :func:`vote_identity` gives a track one name from its per-frame gallery
@@ -113,12 +113,16 @@ class Track:
 class Tracker:
     """IoU + embedding-similarity tracker over the analysed frames of one video.
 
-    ``iou_min``: least IoU (with the predicted box) for a position match;
-    ``sim_min``: least cosine similarity for an appearance match, which also
-    needs the centres within ``max_jump`` box sizes; ``iou_weight``: share of IoU
-    in the affinity (the rest is similarity) when embeddings are present;
-    ``max_gap_s``: how long a track survives unseen; ``ema``: how fast a track's
-    reference embedding follows new frames.
+    A detection may continue a track when its box overlaps the track's predicted
+    box (IoU at least ``iou_min``) or its centre lies within ``max_jump`` box
+    sizes of the predicted centre with a similar size (fast faces, long stride
+    gaps); when both have embeddings, also when they look alike (cosine at least
+    ``sim_min``) within twice that distance, and never when they look clearly
+    different (cosine below ``sim_min / 2``), so people crossing keep their
+    tracks. The affinity maximised by the assignment is the position score
+    (IoU, or half the closeness) mixed with the similarity by ``iou_weight``.
+    ``max_gap_s``: how long a track survives unseen; ``ema``: how fast a
+    track's reference embedding follows new frames.
     """
 
     def __init__(
@@ -127,7 +131,7 @@ class Tracker:
         sim_min: float = 0.5,
         iou_weight: float = 0.5,
         max_gap_s: float = 1.0,
-        max_jump: float = 1.5,
+        max_jump: float = 1.0,
         ema: float = 0.3,
     ) -> None:
         if not 0.0 <= iou_weight <= 1.0:

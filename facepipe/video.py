@@ -328,13 +328,15 @@ STAGES = ("decode", "detect", "align", "embed", "search", "track", "write", "ann
 class FrameAnalyzer:
     """Detect, align, embed and identify the faces of a batch of frames.
 
-    ``detector`` is any :class:`~facepipe.detect.Detector` (its ``detect_batch``
+    ``detector`` is any :class:`~facepipe.detect.Detector`; its ``detect_batch``
     gets the whole batch, so a CNN detector runs one forward pass for many
-    frames). With an ``embedder`` every face is aligned (``align`` maps an image
-    and its detections to crops; default: landmark alignment when the detector
-    gives landmarks, else a box crop) and all faces of the batch are embedded in
-    one call. With a ``gallery`` (needs an embedder) each face gets the
-    gallery's open-set decision. ``timings`` accumulates seconds per stage.
+    frames. With an ``embedder``, faces are aligned exactly as ``enroll`` and
+    ``identify`` align them (:meth:`facepipe.pipeline.FacePipeline.prepare`:
+    landmarks from the detector, or from MTCNN on the face region for Haar
+    boxes; faces below ``min_face`` pixels or without landmarks stay
+    detections without an embedding), and all faces of the batch are embedded
+    in one call. With a ``gallery`` (needs an embedder) each embedded face gets
+    the gallery's open-set decision. ``timings`` accumulates seconds per stage.
     """
 
     def __init__(
@@ -342,30 +344,24 @@ class FrameAnalyzer:
         detector: Any,
         embedder: Any | None = None,
         gallery: Any | None = None,
-        align: Callable[[np.ndarray, list[Detection]], list[np.ndarray]] | None = None,
+        min_face: int = 32,
+        landmarks: str = "mtcnn",
+        device: str = "auto",
     ) -> None:
         if gallery is not None and embedder is None:
             raise ValueError("a gallery needs an embedder")
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
-        self._align = align
+        self.pipeline = None
+        if embedder is not None:
+            from facepipe.pipeline import FacePipeline
+
+            self.pipeline = FacePipeline(detector, embedder, min_face=min_face, landmarks=landmarks,
+                                         device=device)
         self.timings: dict[str, float] = {s: 0.0 for s in ("detect", "align", "embed", "search")}
         self.faces = 0
-
-    def _crops(self, image: np.ndarray, dets: list[Detection]) -> list[np.ndarray]:
-        if self._align is not None:
-            return list(self._align(image, dets))
-        from facepipe.align import align_face, box_crop
-
-        size = int(getattr(self.embedder, "crop_size", 112))
-        out = []
-        for d in dets:
-            if d.landmarks is not None:
-                out.append(align_face(image, d.landmarks_array(), size))
-            else:
-                out.append(box_crop(image, d.box, size))
-        return out
+        self.embedded = 0
 
     def analyze(self, images: Sequence[np.ndarray]) -> list[list[Observation]]:
         """One list of :class:`~facepipe.track.Observation` per image, in order."""
@@ -378,35 +374,42 @@ class FrameAnalyzer:
         n = sum(len(d) for d in dets)
         self.faces += n
         result = [[Observation(d) for d in ds] for ds in dets]
-        if self.embedder is None or n == 0:
+        if self.pipeline is None or n == 0:
             return result
         crops: list[np.ndarray] = []
-        for image, ds in zip(images, dets):
-            if ds:
-                crops.extend(self._crops(image, ds))
+        owners: list[Observation] = []
+        for image, obs in zip(images, result):
+            for o in obs:
+                prepared, _skipped = self.pipeline.prepare(image, [o.detection])
+                if prepared:
+                    o.detection = prepared[0].detection   # same box, landmarks filled in
+                    crops.append(prepared[0].crop)
+                    owners.append(o)
         t2 = time.perf_counter()
         self.timings["align"] += t2 - t1
+        if not crops:
+            return result
         emb = np.asarray(self.embedder.embed(np.stack(crops)), dtype=np.float32)
         t3 = time.perf_counter()
         self.timings["embed"] += t3 - t2
+        self.embedded += len(crops)
         decisions: list[tuple[str, float]] | None = None
         if self.gallery is not None:
             decisions = identify_embeddings(self.gallery, emb)
         self.timings["search"] += time.perf_counter() - t3
-        k = 0
-        for obs in result:
-            for o in obs:
-                o.embedding = emb[k]
-                if decisions is not None:
-                    o.name, o.score = decisions[k]
-                k += 1
+        for k, o in enumerate(owners):
+            o.embedding = emb[k]
+            if decisions is not None:
+                o.name, o.score = decisions[k]
         return result
 
     def describe(self) -> dict[str, Any]:
         """Settings identifying this analysis (recorded in completion markers for --resume)."""
         d: dict[str, Any] = {"detector": self.detector.describe()}
-        if self.embedder is not None:
+        if self.pipeline is not None:
             d["embedder"] = self.embedder.embedder_id
+            d["min_face"] = self.pipeline.min_face
+            d["landmarks"] = self.pipeline.landmarks
         if self.gallery is not None:
             d["gallery"] = gallery_description(self.gallery)
         return d
@@ -779,6 +782,7 @@ def build_analyzer(
     gallery: str | os.PathLike[str] | None = None,
     device: str = "auto",
     detector_options: dict[str, Any] | None = None,
+    min_face: int = 32,
 ) -> FrameAnalyzer:
     """Build the detector, embedder and gallery a video run asks for.
 
@@ -816,13 +820,4 @@ def build_analyzer(
             if not device.strip().lower().startswith("cuda"):
                 raise
             log.info("gallery search stays on the CPU: %s", exc)
-    align = _pipeline_aligner(emb) if emb is not None else None
-    return FrameAnalyzer(det, emb, gal, align=align)
-
-
-def _pipeline_aligner(embedder: Any) -> Callable[[np.ndarray, list[Detection]], list[np.ndarray]] | None:
-    """The embedder's own alignment when it has one (dlib), else the library default."""
-    own = getattr(embedder, "align", None)
-    if callable(own):
-        return lambda image, dets: [own(image, d) for d in dets]
-    return None
+    return FrameAnalyzer(det, emb, gal, min_face=min_face, device=device)

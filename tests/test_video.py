@@ -33,13 +33,12 @@ def face_patch(astronaut: np.ndarray, size: int = 120) -> np.ndarray:
 
 def clip_frames(astronaut: np.ndarray, n: int, step: int = 8, size: int = 120) -> list[np.ndarray]:
     """RGB frames with the face moving right by ``step`` pixels per frame."""
-    import cv2
-
     patch = face_patch(astronaut, size)
-    # A smooth random texture: a flat background would skew the Haar detector's
-    # histogram equalisation.
-    noise = np.random.default_rng(0).integers(0, 255, (H, W, 3)).astype(np.uint8)
-    bg = cv2.normalize(cv2.GaussianBlur(noise, (0, 0), 6), None, 40, 200, cv2.NORM_MINMAX)
+    # A noisy horizontal gradient: a flat background skews histogram equalisation and
+    # blurred blobs give Haar false positives; this gives neither, with or without equalising.
+    ramp = np.tile(np.linspace(60, 190, W)[None, :, None], (H, 1, 3))
+    noise = np.random.default_rng(1).integers(-20, 20, (H, W, 3))
+    bg = np.clip(ramp + noise, 0, 255).astype(np.uint8)
     frames = []
     for i in range(n):
         f = bg.copy()
@@ -85,7 +84,7 @@ def set_mp4_rotation(path: Path, degrees: int) -> None:
 def haar_analyzer() -> FrameAnalyzer:
     from facepipe.detect import create_detector
 
-    return FrameAnalyzer(create_detector("haar", min_size=40, min_neighbors=8))
+    return FrameAnalyzer(create_detector("haar", min_size=40, min_neighbors=5))
 
 
 # --------------------------------------------------------------------------- discovery & decoding
@@ -116,7 +115,7 @@ def test_reader_frames_timestamps_and_batches(tmp_path: Path, astronaut: np.ndar
     np.testing.assert_allclose([f.time for f in frames], np.arange(10) / FPS, atol=1e-3)
     # decoded pixels are the RGB frames we wrote (MJPEG is lossy: compare loosely)
     diff = np.abs(frames[3].image.astype(int) - src[3].astype(int)).mean()
-    assert diff < 6
+    assert diff < 12
     assert frames[3].image[:, :, 0].mean() == pytest.approx(src[3][:, :, 0].mean(), abs=3)
 
 
@@ -258,15 +257,17 @@ def test_process_video_tracks_a_moving_face(tmp_path: Path, astronaut: np.ndarra
     assert cap.get(cv2.CAP_PROP_FRAME_COUNT) == n
     ok, first = cap.read()
     assert ok and first.shape == (H, W, 3)
-    from facepipe.draw import color_for
-
+    # boxes are drawn where the face is: the annotated frame differs from the source
+    # along the box's left edge, and hardly inside the box
+    source = cv2.VideoCapture(str(src))
+    ok, plain = source.read()
+    assert ok
+    diff = np.abs(first.astype(float) - plain.astype(float)).mean(axis=2)
     f0 = recs[0]["faces"][0]
-    x, y, h = int(round(f0["x"])), int(round(f0["y"])), int(f0["h"])
-    # the box's left edge has the track's colour (the source frame there does not)
-    edge = cv2.cvtColor(first, cv2.COLOR_BGR2RGB)[y + 5:y + h - 5, x].astype(float).mean(axis=0)
-    plain = clip_frames(astronaut, 1)[0][y + 5:y + h - 5, x].astype(float).mean(axis=0)
-    colour = np.array(color_for(1), dtype=float)
-    assert np.abs(edge - colour).mean() < 35 < np.abs(plain - colour).mean()
+    x, y, w, h = (int(round(f0[k])) for k in ("x", "y", "w", "h"))
+    edge = diff[y + 5:y + h - 5, x].mean()
+    inside = diff[y + h // 3:y + h - 5, x + w // 3:x + w - w // 3].mean()
+    assert edge > 30 and inside < 8, (edge, inside)
     marker = json.loads(outs.marker.read_text())
     assert marker["settings"] == {"k": 1} and marker["frames"] == n
     assert is_complete(outs, src, {"k": 1})

@@ -45,6 +45,9 @@ def _quiet_decoder_logs(verbose: int) -> None:
               "embeddings only help the tracker.")
 @click.option("--min-size", type=click.IntRange(min=1), default=None,
               help="Smallest face side to find, in pixels [detector's default].")
+@click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Smallest face side (pixels) that is embedded and identified; smaller faces "
+              "are tracked without a name.")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True,
               help="Analyse every Nth frame; tracks are interpolated in between.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -63,6 +66,7 @@ def video(
     detector_name: str,
     embedder: str | None,
     min_size: int | None,
+    min_face: int,
     stride: int,
     batch_size: int,
     device: str,
@@ -93,7 +97,7 @@ def video(
         options["min_size"] = min_size
     try:
         out_dir = ensure_output_dir(out_dir)
-        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options)
+        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options, min_face)
     except FacepipeError as exc:
         raise fail(exc) from exc
     except (ValueError, TypeError) as exc:
