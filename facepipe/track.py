@@ -98,6 +98,7 @@ class Track:
     velocity: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     embedding: np.ndarray | None = None
     hits: int = 1
+    embedded: int = 0
     votes: list[tuple[str, float]] = field(default_factory=list)
     det_scores: list[float] = field(default_factory=list)
 
@@ -248,8 +249,28 @@ class Tracker:
     @staticmethod
     def _record(tr: Track, o: Observation) -> None:
         tr.det_scores.append(float(o.detection.score))
+        if o.embedding is not None:
+            tr.embedded += 1
         if o.name is not None:
             tr.votes.append((o.name, float(o.score) if o.score is not None else 0.0))
+
+
+def covered_by_tracks(tracker: Tracker, t: float, boxes: Sequence[Box], min_embedded: int = 3,
+                      iou_min: float = 0.5) -> list[bool]:
+    """For each box, whether it clearly continues a live track that already has at least
+    ``min_embedded`` embedded frames (IoU with the track's predicted box at time ``t``).
+
+    Such faces need not be embedded on every frame: their track's identity is
+    already well supported and their position alone keeps them on it.
+    """
+    live = [tr for tr in tracker.active if tr.embedded >= min_embedded and t - tr.last_time <= tracker.max_gap_s]
+    if not live or not boxes:
+        return [False] * len(boxes)
+    iou = iou_matrix(list(boxes), [tr.predict(t) for tr in live])
+    best = iou.max(axis=1)
+    # exactly one track claims the face (two overlapping tracks: embed to tell them apart)
+    claims = (iou >= iou_min).sum(axis=1)
+    return [bool(b >= iou_min and c == 1) for b, c in zip(best, claims)]
 
 
 @dataclass(frozen=True)

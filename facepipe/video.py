@@ -39,7 +39,7 @@ import numpy as np
 
 from facepipe.errors import DeviceUnavailableError, NoInputsError, OutputError, VideoReadError
 from facepipe.io import InputFile, iter_inputs
-from facepipe.track import UNKNOWN, Observation, Tracker, vote_identity
+from facepipe.track import Observation, Tracker, covered_by_tracks, vote_identity
 from facepipe.types import Box, Detection
 
 log = logging.getLogger(__name__)
@@ -363,23 +363,34 @@ class FrameAnalyzer:
         self.faces = 0
         self.embedded = 0
 
-    def analyze(self, images: Sequence[np.ndarray]) -> list[list[Observation]]:
-        """One list of :class:`~facepipe.track.Observation` per image, in order."""
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Detections per image, one batched detector call."""
         if not images:
             return []
         t0 = time.perf_counter()
         dets = self.detector.detect_batch(list(images))
-        t1 = time.perf_counter()
-        self.timings["detect"] += t1 - t0
-        n = sum(len(d) for d in dets)
-        self.faces += n
+        self.timings["detect"] += time.perf_counter() - t0
+        self.faces += sum(len(d) for d in dets)
+        return dets
+
+    def analyze(self, images: Sequence[np.ndarray]) -> list[list[Observation]]:
+        """One list of :class:`~facepipe.track.Observation` per image, in order."""
+        return self.observe(images, self.detect(images))
+
+    def observe(self, images: Sequence[np.ndarray], dets: Sequence[Sequence[Detection]],
+                want: Sequence[Sequence[bool]] | None = None) -> list[list[Observation]]:
+        """Align, embed (one batch) and identify detections; ``want[i][j]`` False leaves
+        face ``j`` of image ``i`` without an embedding (it is tracked by position only)."""
         result = [[Observation(d) for d in ds] for ds in dets]
-        if self.pipeline is None or n == 0:
+        if self.pipeline is None or not any(dets):
             return result
+        t1 = time.perf_counter()
         crops: list[np.ndarray] = []
         owners: list[Observation] = []
-        for image, obs in zip(images, result):
-            for o in obs:
+        for i, (image, obs) in enumerate(zip(images, result)):
+            for j, o in enumerate(obs):
+                if want is not None and not want[i][j]:
+                    continue
                 prepared, _skipped = self.pipeline.prepare(image, [o.detection])
                 if prepared:
                     o.detection = prepared[0].detection   # same box, landmarks filled in
@@ -587,10 +598,15 @@ def process_video(
     annotate: bool = True,
     tracker: Tracker | None = None,
     unknown_weight: float = 0.5,
+    embed_every: int = 1,
     settings: dict[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> VideoResult:
     """Analyse one video and write its outputs atomically (see the module docstring).
+
+    ``embed_every`` > 1: a face that clearly continues a track with at least three
+    embedded frames is embedded (and identified) only on every ``embed_every``-th
+    analysed frame; new, ambiguous or uncertain faces are embedded on every one.
 
     ``on_progress(phase, frames_done, total)`` is called as frames go by, with
     ``phase`` ``"analyse"`` then ``"annotate"``. Raises :class:`VideoReadError`
@@ -631,8 +647,17 @@ def process_video(
                         raw_f.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
                 for batch in reader:
-                    images = [f.image for f in batch if f.image is not None]
-                    observations = iter(analyzer.analyze(images))  # type: ignore[arg-type]
+                    shown = [f for f in batch if f.image is not None]
+                    images = [f.image for f in shown]
+                    dets = analyzer.detect(images)  # type: ignore[arg-type]
+                    want = None
+                    if embed_every > 1 and analyzer.pipeline is not None:
+                        want = [
+                            [not c or (analysed + k) % embed_every == 0
+                             for c in covered_by_tracks(tracker, f.time, [d.box for d in ds])]
+                            for k, (f, ds) in enumerate(zip(shown, dets))
+                        ]
+                    observations = iter(analyzer.observe(images, dets, want))  # type: ignore[arg-type]
                     t0 = time.perf_counter()
                     for fr in batch:
                         rec: dict[str, Any] = {"frame": fr.index, "time": round(fr.time, 4),

@@ -52,6 +52,9 @@ def _quiet_decoder_logs(verbose: int) -> None:
               help="Analyse every Nth frame; tracks are interpolated in between.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Frames per detection/embedding batch.")
+@click.option("--embed-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Embed a face that clearly continues an identified track only every Nth analysed "
+              "frame (new or ambiguous faces: every frame). Saves most embedding work on long tracks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CNN stages).")
 @click.option("--annotate/--no-annotate", default=True, show_default=True,
               help="Write NAME.annotated.mp4 with boxes, names and track ids.")
@@ -69,6 +72,7 @@ def video(
     min_face: int,
     stride: int,
     batch_size: int,
+    embed_every: int,
     device: str,
     annotate: bool,
     resume: bool,
@@ -110,7 +114,8 @@ def video(
             tally.fail(str(bad))
     files = [f for f in found if not isinstance(f, NoInputsError)]
     threshold = float(analyzer.gallery.threshold) if analyzer.gallery is not None else 0.5
-    settings = {**analyzer.describe(), "stride": stride, "annotate": annotate, "max_gap": max_gap}
+    settings = {**analyzer.describe(), "stride": stride, "annotate": annotate, "max_gap": max_gap,
+                "embed_every": embed_every}
     skipped = frames_total = 0
     t0 = time.perf_counter()
     overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
@@ -138,7 +143,7 @@ def video(
                 result = process_video(
                     item.path, outputs, analyzer, stride=stride, batch_size=batch_size,
                     annotate=annotate, tracker=Tracker(max_gap_s=max_gap), unknown_weight=threshold,
-                    settings=settings, on_progress=on_progress,
+                    embed_every=embed_every, settings=settings, on_progress=on_progress,
                 )
             except FacepipeError as exc:
                 tally.fail(str(exc))
