@@ -39,6 +39,20 @@ def build_detector(
             kwargs["scale_factor"] = scale_factor
         if min_neighbors is not None:
             kwargs["min_neighbors"] = min_neighbors
+    elif name == "haar+cnn":
+        kwargs["device"] = device
+        if min_size is not None:
+            kwargs["min_size"] = min_size
+        if scale_factor is not None:
+            kwargs["scale_factor"] = scale_factor
+        if min_neighbors is not None:
+            kwargs["min_neighbors"] = min_neighbors
+    elif name in ("cnn", "mtcnn"):
+        kwargs["device"] = device
+        if min_size is not None:
+            kwargs["min_size"] = min_size
+        if name == "cnn" and scale_factor is not None:
+            kwargs["scale_step"] = scale_factor
     return create_detector(name, **kwargs)
 
 
@@ -56,7 +70,8 @@ def _annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
 @click.command("detect")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("--detector", "detector_name", default="haar", show_default=True,
-              help="Detector: haar (Viola–Jones cascade).")
+              help="Detector: haar (Viola–Jones cascade), cnn (transfer-learned MobileNetV2), "
+              "haar+cnn (Haar proposals verified by the CNN), mtcnn (reference).")
 @click.option("--cascade", default="default", show_default=True,
               help="Haar cascade: default, alt, alt2, alt_tree, profile, or a cascade XML path.")
 @click.option("--min-size", type=click.IntRange(min=1), default=None,

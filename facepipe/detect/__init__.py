@@ -39,6 +39,20 @@ def _mtcnn(**kwargs: Any) -> Detector:
     return MTCNNDetector(**kwargs)
 
 
+@register_detector("cnn")
+def _cnn(**kwargs: Any) -> Detector:
+    from facepipe.detect.cnn import CNNDetector
+
+    return CNNDetector(**kwargs)
+
+
+@register_detector("haar+cnn")
+def _haar_cnn(**kwargs: Any) -> Detector:
+    from facepipe.detect.cnn import HaarCNNDetector
+
+    return HaarCNNDetector(**kwargs)
+
+
 def available_detectors() -> list[str]:
     """Names accepted by :func:`create_detector`."""
     return sorted(_FACTORIES)

@@ -1,0 +1,84 @@
+"""``facepipe explain``: Grad-CAM heat maps of the CNN's face evidence for each detection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from facepipe.commands._common import (
+    BatchTally, fail, progress, report, setup_logging, verbosity_options,
+)
+from facepipe.errors import FacepipeError, NoInputsError
+
+
+@click.command("explain")
+@click.argument("paths", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for <name>_gradcam.png (whole image) and <name>_faces.png (per face).")
+@click.option("--detector", "detector_name", type=click.Choice(["cnn", "haar+cnn", "haar", "mtcnn"]),
+              default="cnn", show_default=True, help="Detector whose detections are explained.")
+@click.option("--weights", default="finetune", show_default=True,
+              help="Classifier weights: finetune, transfer or a checkpoint path.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@verbosity_options
+def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str, weights: str, device: str,
+            quiet: bool, verbose: int) -> None:
+    """Explain the CNN classifier's decisions with Grad-CAM.
+
+    For every face found in IMAGE (a file, directory or glob) writes the image with
+    the classifier's Grad-CAM heat map over each detection, and a strip of the
+    face crops with their heat maps. Prints one CSV line per face:
+    path,face,top,right,bottom,left,score,logit,output.
+    """
+    from facepipe.detect import create_detector
+    from facepipe.explain import explain_detections, face_panels, overlay
+    from facepipe.io import ensure_output_dir, iter_inputs, load_image, save_image
+
+    setup_logging(quiet, verbose)
+    try:
+        out = ensure_output_dir(out_dir)
+        kwargs: dict[str, object] = {}
+        if detector_name in ("cnn", "haar+cnn"):
+            kwargs = {"weights": weights, "device": device}
+        elif detector_name == "mtcnn":
+            kwargs = {"device": device}
+        detector = create_detector(detector_name, **kwargs)
+        from facepipe.detect.cnn import load_checkpoint
+
+        load_checkpoint(weights)  # fail early on a bad checkpoint
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    tally = BatchTally()
+    inputs = list(iter_inputs(paths))
+    for bad in inputs:
+        if isinstance(bad, NoInputsError):
+            tally.fail(str(bad))
+    files = [i for i in inputs if not isinstance(i, NoInputsError)]
+    used: set[str] = set()
+    for item in progress(files, total=len(files), desc="explain", quiet=quiet, unit="img"):
+        try:
+            image = load_image(item.path)
+            dets = detector.detect(image)
+            cams = explain_detections(image, dets, weights=weights, device=device)
+            stem = item.relative.with_suffix("").as_posix().replace("/", "__")
+            base, n = stem, 1
+            while stem in used:
+                stem, n = f"{base}_{n}", n + 1
+            used.add(stem)
+            full = out / f"{stem}_gradcam.png"
+            save_image(full, overlay(image, cams))
+            if cams:
+                save_image(out / f"{stem}_faces.png", face_panels(cams))
+        except FacepipeError as exc:
+            tally.fail(str(exc))
+            continue
+        tally.ok += 1
+        tally.items += len(cams)
+        for k, c in enumerate(cams):
+            top, right, bottom, left = c.detection.box.trbl()
+            click.echo(f"{os.fspath(item.path)},{k},{top},{right},{bottom},{left},"
+                       f"{c.detection.score:.4f},{c.logit:.3f},{full}")
+    report(f"facepipe: {tally.ok} image(s) explained, {tally.items} face(s), {tally.failed} failed", quiet)
+    raise SystemExit(tally.exit_code)

@@ -1,0 +1,1 @@
+"""Training code for facepipe's models (classifier, embedder); imported only when training."""

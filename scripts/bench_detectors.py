@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Haar vs CNN benchmark: accuracy on every shared detection set, and speed.
+
+For haar, cnn (fine-tune and transfer weights), haar+cnn and mtcnn on each set under
+``$FACEPIPE_DATA/detection``: AP at IoU 0.5 and 0.3, recall, precision and false
+positives per image at the detector's operating point; all precision–recall curves
+of a set on one figure (IoU 0.3 and 0.5 panels). Speed: median ms/image on
+640×480 images (the set's images resized) on the CPU with ``--threads`` threads,
+and, when CUDA is available, batched images/s at 640×480 on the GPU.
+
+Writes ``<out>/detection_bench.json``, ``<img>/detection_pr_<set>.png`` and prints
+Markdown tables (pasted into docs/detection.md).
+
+    python scripts/bench_detectors.py --out docs --img docs/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "haar": ("haar", {}),
+    "cnn-finetune": ("cnn", {"weights": "finetune"}),
+    "cnn-transfer": ("cnn", {"weights": "transfer"}),
+    "haar+cnn": ("haar+cnn", {}),
+    "mtcnn": ("mtcnn", {}),
+}
+
+
+def _machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def _build(label: str, device: str, extra: dict[str, Any]) -> Any:
+    from facepipe.detect import create_detector
+
+    name, kw = DETECTORS[label]
+    kw = dict(kw)
+    kw.update(extra.get(label, {}))
+    if name != "haar":
+        kw["device"] = device
+    return create_detector(name, **kw)
+
+
+def _plot(curves: dict[str, dict[float, Any]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
+    for ax, iou in zip(axes, (0.3, 0.5)):
+        for label, per in curves.items():
+            r = per[iou]
+            ax.plot(r.recall_curve, r.precision_curve, lw=1.7, label=f"{label} (AP {r.ap:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"{title}, IoU {iou}")
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def speed_cpu(det: Any, images: list[np.ndarray], repeats: int) -> float:
+    """Median ms/image over ``images`` (each run ``repeats`` times after one warm-up)."""
+    det.detect(images[0])
+    times = []
+    for _ in range(repeats):
+        for im in images:
+            t0 = time.perf_counter()
+            det.detect(im)
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def speed_gpu(det: Any, images: list[np.ndarray], batch: int) -> float:
+    """Images/s for batched detection on CUDA (same-size 640×480 images)."""
+    import torch
+
+    stack = (images * (batch // len(images) + 1))[:batch]
+    det.detect_batch(stack)
+    torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 5.0:
+        det.detect_batch(stack)
+        n += len(stack)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    import cv2
+    import torch
+
+    from facepipe.datasets import data_root
+    from facepipe.evaluate import load_annotations, precision_recall, run_detector, summarize
+    from facepipe.io import load_image
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--img", type=Path, default=Path("docs/img"))
+    ap.add_argument("--detectors", default=",".join(DETECTORS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-images", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cnn-threshold", type=float, default=None,
+                    help="Override the CNN detectors' score threshold (default: their own).")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--gpu-batch", type=int, default=64)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    root = args.data or data_root()
+    labels = [s for s in args.detectors.split(",") if s]
+    extra: dict[str, dict[str, Any]] = {}
+    if args.cnn_threshold is not None:
+        for lab in labels:
+            if DETECTORS[lab][0] in ("cnn", "haar+cnn"):
+                extra[lab] = {"threshold": args.cnn_threshold}
+    sets = sorted(p for p in (root / "detection").iterdir() if (p / "annotations.json").is_file())
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "threads": args.threads,
+        "load_average_at_start": os.getloadavg(),
+        "command": "python scripts/bench_detectors.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+            and k in ("detectors", "threads", "cnn_threshold")),
+        "sets": {},
+        "speed": {},
+    }
+    dets = {lab: _build(lab, "cpu", extra) for lab in labels}
+    results["detectors"] = {lab: d.describe() for lab, d in dets.items()}
+    for sdir in sets:
+        gt = load_annotations(sdir)
+        imgs = [load_image(g.path) for g in gt]
+        gtb = [list(g.boxes) for g in gt]
+        curves: dict[str, dict[float, Any]] = {}
+        per: dict[str, Any] = {}
+        for lab, det in dets.items():
+            run = run_detector(det.detect, imgs, lab)
+            per[lab] = summarize(run, gtb)
+            curves[lab] = {t: precision_recall(run.detections, gtb, t) for t in (0.3, 0.5)}
+            print(f"{sdir.name:24s} {lab:14s} AP@0.3 {per[lab]['iou0.3']['ap']:.4f} "
+                  f"AP@0.5 {per[lab]['iou0.5']['ap']:.4f} ({per[lab]['median_ms_per_image']:.0f} ms/img median)",
+                  flush=True)
+        results["sets"][sdir.name] = {"images": len(imgs), "faces": sum(len(b) for b in gtb), "results": per}
+        _plot(curves, args.img / f"detection_pr_{sdir.name}.png", sdir.name)
+    if not args.no_speed:
+        gt = load_annotations(sets[0])
+        speed_imgs = [cv2.resize(load_image(g.path), (640, 480), interpolation=cv2.INTER_AREA)
+                      for g in gt[: args.speed_images]]
+        for lab, det in dets.items():
+            ms = speed_cpu(det, speed_imgs, args.repeats)
+            results["speed"][lab] = {"cpu_ms_per_image_640x480_median": round(ms, 1)}
+            print(f"speed {lab:14s} {ms:.1f} ms/img (CPU, {args.threads} threads, 640x480)", flush=True)
+        if torch.cuda.is_available():
+            for lab in labels:
+                if DETECTORS[lab][0] in ("cnn", "mtcnn"):
+                    det = _build(lab, "cuda", extra)
+                    ips = speed_gpu(det, speed_imgs, args.gpu_batch)
+                    results["speed"][lab]["gpu_images_per_s_640x480"] = round(ips, 1)
+                    results["speed"][lab]["gpu"] = torch.cuda.get_device_name(0)
+                    print(f"speed {lab:14s} {ips:.0f} img/s (GPU batch {args.gpu_batch})", flush=True)
+        results["load_average_at_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "detection_bench.json").write_text(json.dumps(results, indent=2))
+    # Markdown tables
+    for sname, s in results["sets"].items():
+        print(f"\n#### {sname} ({s['images']} images, {s['faces']} faces)\n")
+        print("| detector | AP@0.3 | AP@0.5 | recall@0.3 | FP/image@0.3 | recall@0.5 | FP/image@0.5 |")
+        print("|---|---|---|---|---|---|---|")
+        for lab, r in s["results"].items():
+            a, b = r["iou0.3"], r["iou0.5"]
+            print(f"| {lab} | {a['ap']:.3f} | {b['ap']:.3f} | {a['recall']:.3f} | {a['fp_per_image']:.2f} "
+                  f"| {b['recall']:.3f} | {b['fp_per_image']:.2f} |")
+    if results["speed"]:
+        print("\n| detector | CPU ms/image 640×480 (median) | GPU images/s 640×480 |\n|---|---|---|")
+        for lab, r in results["speed"].items():
+            print(f"| {lab} | {r['cpu_ms_per_image_640x480_median']:.0f} | "
+                  f"{r.get('gpu_images_per_s_640x480', 'not measured')} |")
+
+
+if __name__ == "__main__":
+    main()
