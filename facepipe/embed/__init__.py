@@ -1,5 +1,86 @@
-"""Face embedders: aligned crops to unit vectors for verification and the gallery."""
+"""Face embedders: aligned crops to unit vectors for verification and the gallery.
+
+>>> from facepipe.embed import load_embedder
+>>> emb = load_embedder("default", device="cpu")     # doctest: +SKIP
+>>> vecs = emb.embed(aligned_crops)                  # doctest: +SKIP
+
+Names: ``default`` (the shipped checkpoint ``facepipe/weights/embedder_default.pt``),
+``untrained`` (ImageNet MobileNetV2 + random head, the benchmark's floor), ``dlib``
+(dlib's ResNet, needs the ``[peers]`` extra), or a path to a checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
 
 from facepipe.embed.base import Embedder
+from facepipe.errors import UnknownModelError
 
-__all__ = ["Embedder"]
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "embedder_default.pt"
+
+_FACTORIES: dict[str, Callable[..., Embedder]] = {}
+
+
+def register_embedder(name: str) -> Callable[[Callable[..., Embedder]], Callable[..., Embedder]]:
+    """Decorator registering an embedder factory ``f(device=..., **kw)`` under ``name``."""
+
+    def deco(fn: Callable[..., Embedder]) -> Callable[..., Embedder]:
+        _FACTORIES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_embedder("default")
+def _default(device: str = "auto", **kwargs: Any) -> Embedder:
+    from facepipe.embed.network import NetworkEmbedder
+
+    return NetworkEmbedder.from_checkpoint(DEFAULT_CHECKPOINT, device=device, **kwargs)
+
+
+@register_embedder("untrained")
+def _untrained(device: str = "auto", **kwargs: Any) -> Embedder:
+    from facepipe.embed.network import untrained_embedder
+
+    return untrained_embedder(device=device, **kwargs)
+
+
+@register_embedder("dlib")
+def _dlib(device: str = "auto", **kwargs: Any) -> Embedder:
+    from facepipe.embed.dlib_peer import DlibEmbedder
+
+    return DlibEmbedder(device=device, **kwargs)
+
+
+def available_embedders() -> list[str]:
+    """Names accepted by :func:`load_embedder` (a checkpoint path is accepted too)."""
+    return sorted(_FACTORIES)
+
+
+def load_embedder(name_or_path: str | os.PathLike[str] = "default", device: str = "auto",
+                  **kwargs: Any) -> Embedder:
+    """Build an embedder from a registered name or a checkpoint file path.
+
+    Raises :class:`UnknownModelError` for an unknown name, :class:`CheckpointError`
+    for a missing/corrupt/mismatched checkpoint, :class:`DeviceUnavailableError`
+    for an unavailable device.
+    """
+    from facepipe.device import validate_device_spec
+
+    validate_device_spec(device)
+    key = os.fspath(name_or_path)
+    if key in _FACTORIES:
+        return _FACTORIES[key](device=device, **kwargs)
+    looks_like_path = key.endswith(".pt") or os.sep in key or "/" in key or Path(key).exists()
+    if looks_like_path:
+        from facepipe.embed.network import NetworkEmbedder
+
+        return NetworkEmbedder.from_checkpoint(key, device=device, **kwargs)
+    raise UnknownModelError("embedder", key, available_embedders() + ["<checkpoint.pt>"])
+
+
+__all__ = ["Embedder", "load_embedder", "available_embedders", "register_embedder",
+           "DEFAULT_CHECKPOINT"]
