@@ -210,8 +210,14 @@ def plot_pr_curves(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
+    # Labels of the form "name @IoU0.5" share name's colour; the looser IoU is solid.
+    colours: dict[str, str] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for label, r in curves.items():
-        ax.plot(r.recall_curve, r.precision_curve, lw=1.8,
+        base, _, iou = label.partition(" @IoU")
+        colour = colours.setdefault(base, cycle[len(colours) % len(cycle)])
+        style = "--" if iou and float(iou) >= 0.5 else "-"
+        ax.plot(r.recall_curve, r.precision_curve, lw=1.6, ls=style, color=colour,
                 label=f"{label} (AP {r.ap:.3f})")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")

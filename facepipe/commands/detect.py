@@ -79,7 +79,7 @@ def _annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
 @click.option("--scale-factor", type=click.FloatRange(min=1.0, min_open=True), default=None,
               help="Pyramid scale step (haar) [1.1].")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=None,
-              help="Overlapping raw hits a Haar face needs [5].")
+              help="Overlapping raw hits a Haar face needs [3].")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl"]), default="csv",
               show_default=True, help="csv: path,top,right,bottom,left,score (face_recognition order); "
               "json/jsonl: x, y, w, h, score per face.")
