@@ -19,6 +19,9 @@ from facepipe import __version__
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "detect": ("facepipe.commands.detect", "detect", "Find faces in images (Haar cascade or CNN)."),
     "train": ("facepipe.commands.train", "train", "Train the face classifier or the embedder."),
+    "enroll": ("facepipe.commands.enroll", "enroll", "Enrol people's photos into a face gallery."),
+    "identify": ("facepipe.commands.identify", "identify", "Name the faces in images, or call them unknown."),
+    "gallery": ("facepipe.commands.gallery", "gallery", "List, inspect, remove from and calibrate a gallery."),
     "explain": ("facepipe.commands.explain", "explain", "Grad-CAM heat maps of the CNN's face evidence per detection."),
     "video": ("facepipe.commands.video", "video", "Detect, track and identify faces in video files."),
 }

@@ -69,7 +69,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_PARAMS: dict[str, dict[str, int]] = {
     "flat": {},
     "ivf": {"nlist": 0, "nprobe": 16},  # nlist 0: chosen from the size when trained
-    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 128},
+    "hnsw": {"M": 32, "efConstruction": 64, "efSearch": 128},
 }
 _GEN_FILE_RE = re.compile(r"^(index|labels)-(\d{6,})\.(faiss|json)(\.tmp-\d+)?$")
 
@@ -180,9 +180,11 @@ def build_index(kind: str, dim: int, vectors: np.ndarray, ids: np.ndarray,
         nlist = _ivf_nlist(n, int(p.get("nlist_requested", 0)))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        # train on at most 256 points per cell (faiss' own cap), a fixed random subset
-        cap = 256 * nlist
+        # k-means on at most 64 points per cell (a fixed random subset) for 10 iterations:
+        # enough for well-placed cells, and trains 4,000 cells over 1M vectors in seconds
+        cap = 64 * nlist
         train = vectors if n <= cap else vectors[np.random.default_rng(0).choice(n, cap, replace=False)]
+        index.cp.niter = 10
         index.train(train)
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         index.nprobe = int(p["nprobe"])

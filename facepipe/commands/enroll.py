@@ -1,0 +1,248 @@
+"""``facepipe enroll``: add people's photos to a gallery (incremental, atomic, locked).
+
+Also holds the pieces ``identify`` and ``gallery calibrate`` share: the model options,
+building the detector → alignment → embedder pipeline, and embedding the one face of
+an enrolment photo.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import click
+import numpy as np
+
+from facepipe.commands._common import (
+    BatchTally, fail, progress, report, setup_logging, verbosity_options,
+)
+from facepipe.errors import FacepipeError, ImageReadError, NoInputsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_options(fn: F) -> F:
+    """``--detector``, ``--embedder``, ``--device``, ``--min-face`` for the recognition commands."""
+    fn = click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
+                      help="Smallest face side (pixels) that is embedded.")(fn)
+    fn = click.option("--device", default="auto", show_default=True,
+                      help="auto, cpu, cuda or cuda:N for the detector and embedder.")(fn)
+    fn = click.option("--embedder", "embedder_name", default="default", show_default=True,
+                      help="Embedder name (default, untrained, dlib) or checkpoint path; must be the "
+                           "gallery's.")(fn)
+    fn = click.option("--detector", "detector_name", default="mtcnn", show_default=True,
+                      help="Face detector: mtcnn, cnn, haar+cnn or haar (landmarks via MTCNN).")(fn)
+    return fn
+
+
+def build_pipeline(detector_name: str, embedder_name: str, device: str, min_face: int,
+                   largest_only: bool = False) -> Any:
+    """The detector → alignment → embedder pipeline a command asked for."""
+    from facepipe.detect import create_detector
+    from facepipe.device import validate_device_spec
+    from facepipe.embed import load_embedder
+    from facepipe.pipeline import FacePipeline
+
+    validate_device_spec(device)
+    kwargs: dict[str, Any] = {}
+    if detector_name in ("mtcnn", "cnn", "haar+cnn"):
+        kwargs["device"] = device
+    try:
+        detector = create_detector(detector_name, **kwargs)
+    except TypeError:
+        detector = create_detector(detector_name)
+    embedder = load_embedder(embedder_name, device=device)
+    return FacePipeline(detector, embedder, min_face=min_face, largest_only=largest_only, device=device)
+
+
+def embedder_record(embedder: Any) -> tuple[str, str | None, dict[str, Any]]:
+    """``(embedder_id, checkpoint sha256 or None, description)`` for a gallery manifest."""
+    from facepipe.gallery import sha256_file
+
+    source = getattr(embedder, "source", None)
+    sha = sha256_file(source) if source and Path(source).is_file() else None
+    describe = embedder.describe() if hasattr(embedder, "describe") else {}
+    return embedder.embedder_id, sha, describe
+
+
+def embed_one_face(pipe: Any, path: Path) -> np.ndarray:
+    """The unit embedding of the largest face in an enrolment photo.
+
+    Raises :class:`ImageReadError` naming the file when it cannot be read or no
+    usable face is found in it.
+    """
+    from facepipe.io import load_image
+
+    image = load_image(path)
+    result = pipe.process(image)
+    if not result.faces:
+        if result.skipped:
+            why = "; ".join(sorted({s.detail for s in result.skipped}))
+            raise ImageReadError(path, f"no usable face ({why})")
+        raise ImageReadError(path, "no face found")
+    best = max(result.faces, key=lambda f: f.detection.box.area)
+    return np.asarray(best.embedding, dtype=np.float32)
+
+
+@dataclass
+class EnrolItem:
+    """One photo to enrol for one person."""
+
+    name: str
+    path: Path
+    sha256: str = ""
+
+
+def _folder_items(root: Path) -> list[EnrolItem]:
+    from facepipe.datasets import list_identities
+
+    people = list_identities(root)
+    if not people:
+        raise NoInputsError(root, "no <person>/<image> folders found")
+    return [EnrolItem(name, p) for name, paths in people.items() for p in paths]
+
+
+def _chunks(items: list[EnrolItem], n: int) -> Iterable[list[EnrolItem]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+@click.command("enroll")
+@click.argument("name", required=False)
+@click.argument("images", nargs=-1, metavar="[NAME IMAGE...]")
+@click.option("-g", "--gallery", "gallery_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Gallery directory (created on first enrolment).")
+@click.option("--from-folders", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Enrol ROOT/<person>/<images> (person = folder name).")
+@click.option("--replace", is_flag=True, help="Remove the named people's existing vectors first.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto",
+              show_default=True, help="FAISS index of a new gallery (auto: exact flat, HNSW from 200k vectors).")
+@click.option("--aggregation", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+              help="New gallery: a person's score is the max, or the mean of the top 3, of their vectors' scores.")
+@click.option("--threshold", type=float, default=None,
+              help="New gallery: acceptance threshold until calibrated [0.5].")
+@click.option("--commit-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Commit a new gallery generation after this many embedded photos.")
+@model_options
+@verbosity_options
+def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: Path | None, replace: bool,
+           index_type: str, aggregation: str, threshold: float | None, commit_every: int,
+           detector_name: str, embedder_name: str, device: str, min_face: int,
+           quiet: bool, verbose: int) -> None:
+    """Enrol people into a gallery: NAME IMAGE... or --from-folders ROOT.
+
+    Each photo contributes the embedding of its largest face; several photos per
+    person are kept as several vectors. Photos already enrolled for that person
+    (same file content) are skipped without being embedded again, so re-running on a
+    grown folder only embeds what is new. Writes are atomic and locked: a crash
+    leaves the previous gallery intact, and concurrent enrolments are serialised.
+    Unreadable photos or photos without a face are reported and skipped (exit 1).
+    """
+    from facepipe.gallery import DEFAULT_THRESHOLD, Gallery, check_name, sha256_file
+    from facepipe.io import iter_inputs
+
+    setup_logging(quiet, verbose)
+    tally = BatchTally()
+    try:
+        if root is not None:
+            if name or images:
+                raise click.UsageError("give either NAME IMAGE... or --from-folders ROOT, not both")
+            items = _folder_items(root)
+        else:
+            if not name or not images:
+                raise click.UsageError("give NAME and at least one IMAGE, or --from-folders ROOT")
+            items = []
+            for it in iter_inputs(images):
+                if isinstance(it, NoInputsError):
+                    tally.fail(str(it))
+                else:
+                    items.append(EnrolItem(name, it.path))
+        for n in sorted({i.name for i in items}):
+            check_name(n)
+        existing = Gallery.open(gallery_dir) if (gallery_dir / "manifest.json").exists() else None
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+
+    # incremental: photos whose content is already enrolled for that person are skipped
+    todo: list[EnrolItem] = []
+    skipped_known = 0
+    for it in items:
+        try:
+            it.sha256 = sha256_file(it.path)
+        except OSError as exc:
+            tally.fail(f"{it.path}: cannot read ({exc.strerror or exc})")
+            continue
+        if existing is not None and not replace and existing.has_source(it.name, it.sha256):
+            skipped_known += 1
+            continue
+        todo.append(it)
+    if not todo and existing is not None and not replace:
+        report(f"facepipe: nothing new to enrol ({skipped_known} photo(s) already enrolled, "
+               f"{tally.failed} failed); gallery has {len(existing.people())} people / {len(existing)} vectors",
+               quiet)
+        raise SystemExit(tally.exit_code)
+    try:
+        pipe = build_pipeline(detector_name, embedder_name, device, min_face, largest_only=True)
+        emb_id, emb_sha, emb_desc = embedder_record(pipe.embedder)
+        if existing is not None:
+            existing.check_embedder(emb_id)
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    replace_names = sorted({i.name for i in items}) if replace else []
+
+    t0 = time.perf_counter()
+    added = 0
+    new_people: set[str] = set()
+    create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type,
+                     aggregation=aggregation,
+                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+    bar = progress(todo, total=len(todo), desc="enroll", quiet=quiet, unit="img")
+    pending: list[tuple[EnrolItem, np.ndarray]] = []
+
+    def commit(batch: list[tuple[EnrolItem, np.ndarray]], first: bool) -> int:
+        with Gallery.edit(gallery_dir, embedder_id=emb_id, **create_kw) as g:
+            if "describe" not in g.manifest["embedder"] and emb_desc:
+                g.manifest["embedder"]["describe"] = emb_desc
+            if first and replace_names:
+                present = [n for n in replace_names if n in g.people()]
+                if present:
+                    g.remove(present)
+            # another process may have enrolled the same photos meanwhile
+            fresh = [(it, v) for it, v in batch if replace or not g.has_source(it.name, it.sha256)]
+            before = set(g.people())
+            if fresh:
+                g.add(np.stack([v for _, v in fresh]), [it.name for it, _ in fresh],
+                      sources=[os.fspath(it.path) for it, _ in fresh],
+                      hashes=[it.sha256 for it, _ in fresh])
+            new_people.update(set(g.people()) - before)
+            return len(fresh)
+
+    first = True
+    try:
+        for it in bar:
+            try:
+                pending.append((it, embed_one_face(pipe, it.path)))
+            except FacepipeError as exc:
+                tally.fail(str(exc))
+                continue
+            if len(pending) >= commit_every:
+                added += commit(pending, first)
+                first, pending = False, []
+        if pending or (first and replace_names):
+            added += commit(pending, first)
+        elif first and not (gallery_dir / "manifest.json").exists():
+            commit([], True)  # an empty but valid gallery, so `identify` can open it
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    tally.ok = added
+    try:
+        final = Gallery.open(gallery_dir, verify=False)
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    report(f"facepipe: enrolled {added} photo(s) ({len(new_people)} new people), "
+           f"{skipped_known} already enrolled, {tally.failed} failed, {time.perf_counter() - t0:.1f}s; "
+           f"gallery has {len(final.people())} people / {len(final)} vectors", quiet)
+    raise SystemExit(tally.exit_code)
