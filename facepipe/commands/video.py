@@ -48,6 +48,9 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
               help="Smallest face side (pixels) that is embedded and identified; smaller faces "
               "are tracked without a name.")
+@click.option("--landmarks", type=click.Choice(["onet", "mtcnn", "box"]), default="onet", show_default=True,
+              help="Landmarks for detectors without them: onet (MTCNN's last stage on each box, batched), "
+              "mtcnn (full MTCNN per face region, as identify does; slower), box (no alignment).")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True,
               help="Analyse every Nth frame; tracks are interpolated in between.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -70,6 +73,7 @@ def video(
     embedder: str | None,
     min_size: int | None,
     min_face: int,
+    landmarks: str,
     stride: int,
     batch_size: int,
     embed_every: int,
@@ -101,7 +105,8 @@ def video(
         options["min_size"] = min_size
     try:
         out_dir = ensure_output_dir(out_dir)
-        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options, min_face)
+        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options, min_face,
+                                  landmarks)
     except FacepipeError as exc:
         raise fail(exc) from exc
     except (ValueError, TypeError) as exc:
