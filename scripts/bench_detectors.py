@@ -32,6 +32,7 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "haar": ("haar", {}),
     "cnn-finetune": ("cnn", {"weights": "finetune"}),
     "cnn-transfer": ("cnn", {"weights": "transfer"}),
+    "cnn-min48": ("cnn", {"weights": "finetune", "min_size": 48}),
     "haar+cnn": ("haar+cnn", {}),
     "mtcnn": ("mtcnn", {}),
 }
@@ -82,18 +83,6 @@ def _plot(curves: dict[str, dict[float, Any]], out: Path, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
-
-
-def speed_cpu(det: Any, images: list[np.ndarray], repeats: int) -> float:
-    """Median ms/image over ``images`` (each run ``repeats`` times after one warm-up)."""
-    det.detect(images[0])
-    times = []
-    for _ in range(repeats):
-        for im in images:
-            t0 = time.perf_counter()
-            det.detect(im)
-            times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
 
 
 def speed_gpu(det: Any, images: list[np.ndarray], batch: int) -> float:
@@ -175,8 +164,19 @@ def main() -> None:
         gt = load_annotations(sets[0])
         speed_imgs = [cv2.resize(load_image(g.path), (640, 480), interpolation=cv2.INTER_AREA)
                       for g in gt[: args.speed_images]]
-        for lab, det in dets.items():
-            ms = speed_cpu(det, speed_imgs, args.repeats)
+        # interleaved (image by image, detector by detector) so that load from other
+        # processes on a shared machine hits every detector alike
+        times: dict[str, list[float]] = {lab: [] for lab in dets}
+        for det in dets.values():
+            det.detect(speed_imgs[0])
+        for _ in range(args.repeats):
+            for im in speed_imgs:
+                for lab, det in dets.items():
+                    t0 = time.perf_counter()
+                    det.detect(im)
+                    times[lab].append((time.perf_counter() - t0) * 1000)
+        for lab in dets:
+            ms = float(np.median(times[lab]))
             results["speed"][lab] = {"cpu_ms_per_image_640x480_median": round(ms, 1)}
             print(f"speed {lab:14s} {ms:.1f} ms/img (CPU, {args.threads} threads, 640x480)", flush=True)
         if torch.cuda.is_available():

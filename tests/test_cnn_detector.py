@@ -86,6 +86,24 @@ def test_convolutional_scoring_equals_sliding_window_over_features(ckpt_path: Pa
             torch.testing.assert_close(brute[0, :, 0, 0], y[0, :, i, j], atol=1e-5, rtol=1e-5)
 
 
+def test_batchnorm_fusion_keeps_outputs(ckpt_path: Path) -> None:
+    import copy
+
+    from facepipe.detect.cnn import fuse_batchnorm
+
+    net = load_checkpoint(ckpt_path).net
+    with torch.no_grad():  # make BatchNorm non-trivial so the fold is really exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fused = fuse_batchnorm(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 56, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), atol=1e-4, rtol=1e-4)
+
+
 def test_decode_map_places_windows_and_offsets() -> None:
     out = torch.full((1, 5, 3, 4), -10.0)
     out[0, :, 2, 1] = torch.tensor([5.0, 0.25, -0.5, math.log(2.0), 0.0])

@@ -23,11 +23,19 @@ from facepipe.errors import FacepipeError
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--epochs-transfer", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--epochs-finetune", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--epochs-scratch", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--epochs-transfer", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--epochs-finetune", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--epochs-scratch", type=click.IntRange(min=0), default=7, show_default=True)
 @click.option("--epochs-bootstrap", type=click.IntRange(min=0), default=2, show_default=True,
               help="Epochs after adding the model's own false positives as hard negatives.")
+@click.option("--bootstrap-rounds", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Rounds of hard-negative mining (each followed by --epochs-bootstrap epochs).")
+@click.option("--hard-negatives", type=click.IntRange(min=0), default=3000, show_default=True,
+              help="Hard negatives mined per round.")
+@click.option("--mine-lfw", type=click.IntRange(min=0), default=400, show_default=True,
+              help="LFW training photos searched for false positives per round (plus all training scenes).")
+@click.option("--init", "inits", multiple=True, metavar="REGIME=CHECKPOINT",
+              help="Continue a regime from a checkpoint instead of its usual start (repeatable).")
 @click.option("--lfw-people", type=click.IntRange(min=0), default=2400, show_default=True,
               help="LFW people (one photo each) used as face sources.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
@@ -36,7 +44,8 @@ from facepipe.errors import FacepipeError
 @verbosity_options
 def classifier(data_dir: Path | None, out_dir: Path, regimes: tuple[str, ...], device: str, seed: int,
                batch_size: int, steps_per_epoch: int, epochs_transfer: int, epochs_finetune: int,
-               epochs_scratch: int, epochs_bootstrap: int, lfw_people: int, threads: int | None,
+               epochs_scratch: int, epochs_bootstrap: int, bootstrap_rounds: int, hard_negatives: int,
+               mine_lfw: int, inits: tuple[str, ...], lfw_people: int, threads: int | None,
                install: bool, quiet: bool, verbose: int) -> None:
     """Train the face/non-face classifier (transfer, fine-tune and from-scratch regimes).
 
@@ -55,6 +64,12 @@ def classifier(data_dir: Path | None, out_dir: Path, regimes: tuple[str, ...], d
         from facepipe.train.classifier_data import load_sources
 
         validate_device_spec(device)
+        init: dict[str, str] = {}
+        for spec in inits:
+            regime, sep, ckpt = spec.partition("=")
+            if not sep or regime not in ("transfer", "finetune", "scratch"):
+                raise click.BadParameter(f"{spec!r}: expected REGIME=CHECKPOINT", param_hint="--init")
+            init[regime] = ckpt
         if threads:
             torch.set_num_threads(threads)
         root = data_dir if data_dir is not None else data_root()
@@ -65,7 +80,8 @@ def classifier(data_dir: Path | None, out_dir: Path, regimes: tuple[str, ...], d
         settings = TrainSettings(seed=seed, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                                  epochs_transfer=epochs_transfer, epochs_finetune=epochs_finetune,
                                  epochs_scratch=epochs_scratch, epochs_bootstrap=epochs_bootstrap,
-                                 device=device)
+                                 bootstrap_rounds=bootstrap_rounds, hard_negatives=hard_negatives,
+                                 mine_lfw=mine_lfw, init=init, device=device)
         results = train_classifiers(train, val, out, settings, tuple(regimes) or ("transfer", "finetune", "scratch"),
                                     info, report=lambda m: report(f"facepipe: {m}", quiet))
         if install:

@@ -23,6 +23,7 @@ and an fp16 state dict.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -107,6 +108,25 @@ class FaceClassifierNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised ``(N, 3, H, W)`` -> ``(N, 5, H', W')``: logit, dx, dy, dw, dh per window."""
         return self.head(self.trunk(x))
+
+
+def fuse_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every ``Conv2d`` → ``BatchNorm2d`` pair into the convolution (inference only, in place).
+
+    The outputs are unchanged up to float rounding (see the tests); inference gets faster
+    because the normalisation no longer runs as a separate pass over each feature map.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        fuse_batchnorm(child)
+    if isinstance(module, nn.Sequential):
+        mods = list(module)
+        for k in range(len(mods) - 1):
+            if isinstance(mods[k], nn.Conv2d) and isinstance(mods[k + 1], nn.BatchNorm2d):
+                module[k] = fuse_conv_bn_eval(mods[k].eval(), mods[k + 1].eval())
+                module[k + 1] = nn.Identity()
+    return module
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -226,7 +246,10 @@ def to_tensor_batch(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
         arr = np.repeat(arr[..., None], 3, axis=3)
     if arr.ndim != 4 or arr.shape[3] != 3:
         raise ShapeError(f"expected crops (N, H, W, 3) or (N, H, W), got {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch.from_numpy wants writable memory
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
 def classify_crops(ckpt: ClassifierCheckpoint, crops: np.ndarray, device: str = "cpu",
@@ -334,7 +357,7 @@ class CNNDetector(Detector):
             raise ValueError(f"scale_step must be > 1, got {scale_step}")
         self.device = resolve_device(device)
         self.ckpt = load_checkpoint(weights)
-        self.net = self.ckpt.net.to(self.device).eval()
+        self.net = fuse_batchnorm(copy.deepcopy(self.ckpt.net).eval()).to(self.device)
         self.config = self.ckpt.config
         self.threshold = float(threshold)
         self.min_size = float(min_size)
@@ -488,7 +511,7 @@ class HaarCNNDetector(Detector):
         self.haar = HaarDetector(scale_factor=scale_factor, min_neighbors=min_neighbors, min_size=min_size)
         self.device = resolve_device(device)
         self.ckpt = load_checkpoint(weights)
-        self.net = self.ckpt.net.to(self.device).eval()
+        self.net = fuse_batchnorm(copy.deepcopy(self.ckpt.net).eval()).to(self.device)
         self.threshold = float(threshold)
         self.nms_iou = float(nms_iou)
         self.name = "haar+cnn"

@@ -51,6 +51,9 @@ class TrainSettings:
     epochs_finetune: int = 3
     epochs_scratch: int = 7
     epochs_bootstrap: int = 2
+    bootstrap_rounds: int = 1
+    mine_lfw: int = 400
+    init: dict[str, str] = field(default_factory=dict)  # regime -> checkpoint to continue from
     lr_head: float = 2e-3
     lr_finetune: float = 3e-4
     lr_scratch: float = 2e-3
@@ -214,7 +217,11 @@ def mine_hard_negatives(net: torch.nn.Module, split: DataSplit, config: Classifi
     Each window scoring ≥ ``threshold`` whose box overlaps no face (IoU < 0.3 with every
     head box) is cut out as a classifier crop; the highest-scoring ``limit`` are kept.
     """
-    net.eval()
+    import copy
+
+    from facepipe.detect.cnn import fuse_batchnorm
+
+    net = fuse_batchnorm(copy.deepcopy(net).eval())  # inference copy, BatchNorm folded (faster)
     found: list[tuple[float, np.ndarray]] = []
     pad = config.stride
     sources = list(split.scenes) + list(split.faces[:max_lfw])
@@ -286,13 +293,21 @@ def train_classifiers(
         "scratch": (settings.epochs_scratch, settings.lr_scratch, None),
     }
     order = [r for r in REGIMES if r in regimes]
-    if "finetune" in order and "transfer" not in order:
+    if "finetune" in order and "transfer" not in order and "finetune" not in settings.init:
         order.insert(0, "transfer")
     for k, regime in enumerate(order):
         epochs, lr, init_from = plan[regime]
         torch.manual_seed(settings.seed + k)
         net = FaceClassifierNet(config, pretrained=regime != "scratch")
-        if init_from is not None:
+        prev: dict[str, Any] = {}
+        if regime in settings.init:
+            from facepipe.detect.cnn import load_checkpoint
+
+            ck = load_checkpoint(settings.init[regime])
+            net.load_state_dict(ck.net.state_dict())
+            prev = ck.meta
+            report(f"{regime}: continuing from {settings.init[regime]} ({prev.get('steps')} steps)")
+        elif init_from is not None:
             net.load_state_dict(nets[init_from].state_dict())
         net.to(device)
         sampler = WindowSampler(train, config.window, config.context, config.stride,
@@ -308,27 +323,27 @@ def train_classifiers(
                             "val_acc": m["accuracy_at_0.5"], "seconds": time.perf_counter() - t0})
             report(f"{regime} epoch {epoch + 1}/{epochs}: loss {loss:.4f} val AUC {m['roc_auc']:.4f} "
                    f"acc@0.5 {m['accuracy_at_0.5']:.4f} ({time.perf_counter() - t0:.0f}s)")
-        t_main = time.perf_counter() - t0
-        # bootstrapping: the model's own false positives become hard negatives
-        t1 = time.perf_counter()
-        hard = mine_hard_negatives(net, train, config, device, settings.hard_negatives)
-        t_mine = time.perf_counter() - t1
-        boot = DataSplit(train.crops, train.faces, train.scenes, hard)
-        sampler = WindowSampler(boot, config.window, config.context, config.stride,
-                                seed=settings.seed * 1000 + 100 + k)
-        boot_lr = lr * 0.5 if regime != "transfer" else lr * 0.5
-        t2 = time.perf_counter()
-        for epoch in range(settings.epochs_bootstrap):
-            loss = train_steps(net, sampler, regime, spe, boot_lr * (0.5 ** epoch), settings, device)
-            m = evaluate(net, val_set, device)
-            history.append({"epoch": epochs + epoch + 1, "loss": loss, "val_auc": m["roc_auc"],
-                            "val_acc": m["accuracy_at_0.5"], "bootstrap": True,
-                            "seconds": t_main + t_mine + time.perf_counter() - t2})
-            report(f"{regime} bootstrap {epoch + 1}/{settings.epochs_bootstrap} ({len(hard)} hard negatives): "
-                   f"loss {loss:.4f} val AUC {m['roc_auc']:.4f} acc@0.5 {m['accuracy_at_0.5']:.4f}")
-        elapsed = time.perf_counter() - t0
+        # bootstrapping: the model's own false positives become hard negatives; each
+        # round mines with the current model and adds to the negatives of earlier rounds
+        hard: list[np.ndarray] = []
+        for rnd in range(settings.bootstrap_rounds):
+            hard = hard + mine_hard_negatives(net, train, config, device, settings.hard_negatives,
+                                              max_lfw=settings.mine_lfw)
+            boot = DataSplit(train.crops, train.faces, train.scenes, hard)
+            sampler = WindowSampler(boot, config.window, config.context, config.stride,
+                                    seed=settings.seed * 1000 + 100 * (rnd + 1) + k)
+            for epoch in range(settings.epochs_bootstrap):
+                loss = train_steps(net, sampler, regime, spe, lr * 0.5 ** (epoch + 1), settings, device)
+                m = evaluate(net, val_set, device)
+                history.append({"epoch": epochs + rnd * settings.epochs_bootstrap + epoch + 1, "loss": loss,
+                                "val_auc": m["roc_auc"], "val_acc": m["accuracy_at_0.5"],
+                                "bootstrap_round": rnd + 1, "seconds": time.perf_counter() - t0})
+                report(f"{regime} bootstrap round {rnd + 1} epoch {epoch + 1}/{settings.epochs_bootstrap} "
+                       f"({len(hard)} hard negatives): loss {loss:.4f} val AUC {m['roc_auc']:.4f} "
+                       f"acc@0.5 {m['accuracy_at_0.5']:.4f}")
+        elapsed = time.perf_counter() - t0 + float(prev.get("train_seconds", 0.0))
         metrics = evaluate(net, val_set, device)
-        steps = spe * (epochs + settings.epochs_bootstrap)
+        steps = spe * (epochs + settings.epochs_bootstrap * settings.bootstrap_rounds) + int(prev.get("steps", 0))
         res = RegimeResult(regime, metrics, elapsed, steps, history, len(hard), metrics["threshold"])
         results[regime] = res
         nets[regime] = net
@@ -342,7 +357,10 @@ def train_classifiers(
             "init": {"transfer": "ImageNet MobileNetV2, trunk frozen",
                      "finetune": "transfer checkpoint, all layers",
                      "scratch": "random"}[regime],
-            "hard_negatives": len(hard),
+            "continued_from": None if not prev else {
+                "checkpoint": Path(settings.init[regime]).name, "steps": prev.get("steps"),
+                "train_seconds": prev.get("train_seconds"), "hard_negatives": prev.get("hard_negatives")},
+            "hard_negatives": len(hard) + int(prev.get("hard_negatives", 0)),
             "validation": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()},
             "data": data_info or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
