@@ -98,3 +98,14 @@ def test_shared_clip_gives_one_long_track(shared_data: Path, tmp_path: Path) -> 
     assert len(recs) == 275
     times = np.array([rec["time"] for rec in recs])
     np.testing.assert_allclose(np.diff(times), 1 / 29.97, atol=2e-3)
+
+
+def test_same_named_videos_from_two_folders_do_not_overwrite(tmp_path: Path, astronaut: np.ndarray) -> None:
+    a = face_clip((tmp_path / "cam1").mkdir() or tmp_path / "cam1" / "clip.mp4", astronaut, n=3)
+    b = face_clip((tmp_path / "cam2").mkdir() or tmp_path / "cam2" / "clip.mp4", astronaut, n=4)
+    out = tmp_path / "out"
+    r = _run([str(a), str(b), "--out", str(out), "--no-annotate", "--min-size", "40"])
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / "clip.mp4.done.json").read_text())
+    second = json.loads((out / "cam2" / "clip.mp4.done.json").read_text())
+    assert (first["frames"], second["frames"]) == (3, 4)

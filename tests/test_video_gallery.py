@@ -19,6 +19,17 @@ from facepipe.cli import cli
 from test_video import face_clip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def embedder():  # type: ignore[no-untyped-def]
     from facepipe.embed import load_embedder
@@ -26,23 +37,30 @@ def embedder():  # type: ignore[no-untyped-def]
     return load_embedder("untrained", device="cpu")
 
 
-def _gallery(path: Path, embedder, astronaut: np.ndarray, threshold: float) -> Path:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def enrolled(embedder, astronaut: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The astronaut photo's embedding, as `facepipe enroll` computes it."""
     from facepipe.detect import create_detector
-    from facepipe.gallery import Gallery
     from facepipe.pipeline import FacePipeline
 
     pipe = FacePipeline(create_detector("haar", min_size=40), embedder, device="cpu")
     faces = pipe.process(astronaut).faces
     assert len(faces) == 1
+    return faces[0].embedding
+
+
+def _gallery(path: Path, embedder, enrolled: np.ndarray, threshold: float) -> Path:  # type: ignore[no-untyped-def]
+    from facepipe.gallery import Gallery
+
     with Gallery.edit(path, embedder_id=embedder.embedder_id, dim=embedder.dim,
                       threshold=threshold) as g:
-        g.add(faces[0].embedding[None, :], ["eileen_collins"])
+        g.add(enrolled[None, :], ["eileen_collins"])
     return path
 
 
 def test_video_identifies_the_enrolled_face_on_every_frame(tmp_path: Path, astronaut: np.ndarray,
-                                                            embedder) -> None:  # type: ignore[no-untyped-def]
-    gal = _gallery(tmp_path / "gallery", embedder, astronaut, threshold=0.5)
+                                                            embedder, enrolled) -> None:  # type: ignore[no-untyped-def]
+    gal = _gallery(tmp_path / "gallery", embedder, enrolled, threshold=0.5)
     clip = face_clip(tmp_path / "clip.mp4", astronaut, n=8)
     out = tmp_path / "out"
     r = CliRunner().invoke(cli, ["video", str(clip), "--out", str(out), "--gallery", str(gal),
@@ -65,12 +83,12 @@ def test_video_identifies_the_enrolled_face_on_every_frame(tmp_path: Path, astro
 
 
 def test_unmatched_faces_are_unknown_and_vote_as_such(tmp_path: Path, astronaut: np.ndarray,
-                                                      embedder) -> None:  # type: ignore[no-untyped-def]
+                                                      embedder, enrolled) -> None:  # type: ignore[no-untyped-def]
     from facepipe.detect import create_detector
     from facepipe.gallery import Gallery
     from facepipe.video import FrameAnalyzer, output_paths, process_video
 
-    gal_dir = _gallery(tmp_path / "gallery", embedder, astronaut, threshold=0.9999)
+    gal_dir = _gallery(tmp_path / "gallery", embedder, enrolled, threshold=0.9999)
     gallery = Gallery.open(gal_dir, embedder_id=embedder.embedder_id)
     analyzer = FrameAnalyzer(create_detector("haar", min_size=40), embedder, gallery, device="cpu")
     clip = face_clip(tmp_path / "clip.mp4", astronaut, n=6)
@@ -100,12 +118,12 @@ def test_gallery_from_another_embedder_is_refused(tmp_path: Path, astronaut: np.
 
 
 def test_embed_every_skips_faces_on_identified_tracks(tmp_path: Path, astronaut: np.ndarray,
-                                                      embedder) -> None:  # type: ignore[no-untyped-def]
+                                                      embedder, enrolled) -> None:  # type: ignore[no-untyped-def]
     from facepipe.detect import create_detector
     from facepipe.gallery import Gallery
     from facepipe.video import FrameAnalyzer, output_paths, process_video
 
-    gallery = Gallery.open(_gallery(tmp_path / "gallery", embedder, astronaut, threshold=0.5))
+    gallery = Gallery.open(_gallery(tmp_path / "gallery", embedder, enrolled, threshold=0.5))
     analyzer = FrameAnalyzer(create_detector("haar", min_size=40), embedder, gallery, device="cpu")
     clip = face_clip(tmp_path / "clip.mp4", astronaut, n=12)
     outs = output_paths(tmp_path / "out", "clip.mp4")

@@ -21,6 +21,25 @@ def _bar(total: int | None, desc: str, unit: str, position: int, quiet: bool, le
                 disable=True if quiet else None, dynamic_ncols=True)
 
 
+def _unique_relative(item: Any, used: set[Path]) -> Path:
+    """The input's path under --out; two inputs with one name (e.g. a/clip.mp4 and
+    b/clip.mp4 given as files) get their parent folders' names prefixed, then a counter."""
+    rel = Path(item.relative)
+    candidates = [rel]
+    parents = Path(os.path.abspath(item.path)).parent.parts[1:]
+    for k in range(1, len(parents) + 1):
+        candidates.append(Path(*parents[-k:]) / rel)
+    for c in candidates:
+        if c not in used:
+            used.add(c)
+            return c
+    n = 2
+    while (c := rel.with_name(f"{rel.stem}_{n}{rel.suffix}")) in used:
+        n += 1
+    used.add(c)
+    return c
+
+
 def _quiet_decoder_logs(verbose: int) -> None:
     """Keep FFmpeg's and OpenCV's own warnings (e.g. "moov atom not found") off stderr: a
     bad file is reported once, as facepipe's one-line error. ``-vv`` shows them."""
@@ -59,6 +78,9 @@ def _quiet_decoder_logs(verbose: int) -> None:
               help="Embed a face that clearly continues an identified track only every Nth analysed "
               "frame (new or ambiguous faces: every frame). Saves most embedding work on long tracks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CNN stages).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for PyTorch and OpenCV (0: their defaults). On a machine busy with "
+              "other work, 1 is often fastest.")
 @click.option("--annotate/--no-annotate", default=True, show_default=True,
               help="Write NAME.annotated.mp4 with boxes, names and track ids.")
 @click.option("--resume", is_flag=True, help="Skip videos already finished with the same settings.")
@@ -78,6 +100,7 @@ def video(
     batch_size: int,
     embed_every: int,
     device: str,
+    threads: int,
     annotate: bool,
     resume: bool,
     max_gap: float,
@@ -100,6 +123,12 @@ def video(
 
     setup_logging(quiet, verbose)
     _quiet_decoder_logs(verbose)
+    if threads:
+        import cv2
+        import torch
+
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
     options: dict[str, Any] = {}
     if min_size is not None:
         options["min_size"] = min_size
@@ -125,8 +154,9 @@ def video(
     t0 = time.perf_counter()
     overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
     try:
+        used: set[Path] = set()
         for item in files:
-            outputs = output_paths(out_dir, item.relative)
+            outputs = output_paths(out_dir, _unique_relative(item, used))
             if resume and is_complete(outputs, item.path, settings):
                 skipped += 1
                 report(f"{item.path}: already done, skipped (--resume)", quiet)
