@@ -64,6 +64,8 @@ def _quiet_decoder_logs(verbose: int) -> None:
               "embeddings only help the tracker.")
 @click.option("--min-size", type=click.IntRange(min=1), default=None,
               help="Smallest face side to find, in pixels [detector's default].")
+@click.option("--det-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Face probability a CNN detection needs (cnn, haar+cnn) [detector's default].")
 @click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
               help="Smallest face side (pixels) that is embedded and identified; smaller faces "
               "are tracked without a name.")
@@ -94,6 +96,7 @@ def video(
     detector_name: str,
     embedder: str | None,
     min_size: int | None,
+    det_threshold: float | None,
     min_face: int,
     landmarks: str,
     stride: int,
@@ -132,6 +135,10 @@ def video(
     options: dict[str, Any] = {}
     if min_size is not None:
         options["min_size"] = min_size
+    if det_threshold is not None:
+        if detector_name not in ("cnn", "haar+cnn"):
+            raise fail(f"--det-threshold applies to the cnn and haar+cnn detectors, not {detector_name!r}")
+        options["threshold"] = det_threshold
     try:
         out_dir = ensure_output_dir(out_dir)
         analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options, min_face,
