@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gallery": ("facepipe.commands.gallery", "gallery", "List, inspect, remove from and calibrate a gallery."),
     "explain": ("facepipe.commands.explain", "explain", "Grad-CAM heat maps of the CNN's face evidence per detection."),
     "video": ("facepipe.commands.video", "video", "Detect, track and identify faces in video files."),
+    "embed": ("facepipe.commands.embed", "embed", "Write face embeddings (NumPy) with a JSON sidecar."),
 }
 
 

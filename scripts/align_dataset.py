@@ -42,11 +42,13 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("align_dataset")
 
 
-def _iter_identities(root: Path) -> Iterator[tuple[str, str, np.ndarray]]:
+def _iter_identities(root: Path, min_images: int = 1, reverse: bool = False) \
+        -> Iterator[tuple[str, str, np.ndarray]]:
     from facepipe.datasets import list_identities
     from facepipe.io import load_image
 
-    for person, paths in list_identities(root).items():
+    people = [(k, v) for k, v in list_identities(root).items() if len(v) >= min_images]
+    for person, paths in (people[::-1] if reverse else people):
         for p in paths:
             yield str(p), person, load_image(p)
 
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detect-min", type=int, default=20,
                     help="MTCNN min face size for the first pass [20; 60 for LFW is ~3x faster]")
     ap.add_argument("--limit", type=int, default=0, help="stop after this many source images (0 = all)")
+    ap.add_argument("--min-images", type=int, default=1, help="identities: only people with this many photos")
+    ap.add_argument("--reverse", action="store_true", help="identities: people in reverse order")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also rewrite the output every N source images (usable partial results)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     det = MTCNNDetector(min_size=args.detect_min, device="cpu")
-    it = {"identities": lambda: _iter_identities(args.root),
+    it = {"identities": lambda: _iter_identities(args.root, args.min_images, args.reverse),
           "detection": lambda: _iter_detection(args.root),
           "video": lambda: _iter_video(args.root, args.video_step)}[args.kind]()
 
@@ -137,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
                 lms.append(d.landmarks_array())
                 scores.append(d.score)
 
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp.npz")
+        np.savez(tmp, crops=np.stack(crops) if crops else np.zeros((0, args.size, args.size, 3), np.uint8),
+                 labels=np.array(labels), sources=np.array(sources),
+                 boxes=np.array(boxes, np.float32).reshape(-1, 4),
+                 landmarks=np.array(lms, np.float32).reshape(-1, 5, 2),
+                 scores=np.array(scores, np.float32), skipped=np.array(skipped), size=args.size,
+                 kind=args.kind, root=str(args.root))
+        tmp.replace(args.out)
+
     batch: list[tuple[str, str, np.ndarray]] = []
     for item in it:
         n += 1
@@ -146,19 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             handle(batch)
             batch = []
         batch.append(item)
+        if args.save_every and n % args.save_every == 0:
+            save()
         if n % 500 == 0:
             log.info("%d images, %d faces, %d skipped, %.0fs", n, len(crops), len(skipped), time.time() - t0)
     if batch:
         handle(batch)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp.npz")
-    np.savez(tmp, crops=np.stack(crops) if crops else np.zeros((0, args.size, args.size, 3), np.uint8),
-             labels=np.array(labels), sources=np.array(sources),
-             boxes=np.array(boxes, np.float32).reshape(-1, 4),
-             landmarks=np.array(lms, np.float32).reshape(-1, 5, 2),
-             scores=np.array(scores, np.float32), skipped=np.array(skipped), size=args.size,
-             kind=args.kind, root=str(args.root))
-    tmp.replace(args.out)
+    save()
     log.info("done: %d source images, %d faces, %d skipped (no face) in %.0fs -> %s",
              n, len(crops), len(skipped), time.time() - t0, args.out)
     return 0

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Reproduce facepipe's embedder: teacher descriptors, then metric-learning (+ distillation) training.
+
+Steps (see docs/embedding.md for the exact commands behind the shipped weights)::
+
+    # 1. align every LFW DevTrain photo once (MTCNN landmarks -> ArcFace 112x112)
+    python scripts/align_dataset.py --kind identities \
+        --root ../shared/data/identities/lfw_devtrain --out out/aligned/lfw_devtrain_112.npz
+    # 2. (optional) dlib teacher descriptors for distillation; validation people are skipped
+    python scripts/train_embedder.py teacher --data out/aligned/lfw_devtrain_112.npz \
+        --out out/aligned/dlib_teacher.npz
+    # 3. train (writes a self-describing checkpoint)
+    python scripts/train_embedder.py train --data out/aligned/lfw_devtrain_112.npz \
+        --loss multisimilarity --steps 600 --out runs/embedder/ms.pt
+
+``facepipe train embedder`` runs step 3 with the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("train_embedder")
+
+
+def teacher(args: argparse.Namespace) -> int:
+    """dlib descriptors for the cache's faces (from the original photos and MTCNN boxes)."""
+    import torch
+
+    from facepipe.embed.dlib_peer import DlibEmbedder
+    from facepipe.io import load_image
+    from facepipe.train.embedder_data import people_split
+    from facepipe.types import Box, Detection
+
+    torch.set_num_threads(1)
+    dl = DlibEmbedder(device="cpu")
+    done: dict[str, np.ndarray] = {}
+    if args.out.is_file():
+        with np.load(args.out) as z:
+            done = dict(zip(z["sources"].astype(str), z["descriptors"]))
+    todo = []
+    for path in args.data:
+        with np.load(path) as z:
+            labels, sources, boxes = z["labels"].astype(str), z["sources"].astype(str), z["boxes"]
+        _, val_people = people_split(labels, args.val_fraction, args.seed)
+        want = [k for k in range(len(sources))
+                if (labels[k] in val_people) == args.validation and sources[k] not in done]
+        rng = np.random.default_rng(args.seed)
+        want = list(rng.permutation(want))[: args.limit or None]
+        todo += [(sources[k], boxes[k]) for k in want]
+    log.info("%d faces to describe (%d already cached)", len(todo), len(done))
+    t0 = time.time()
+
+    def save() -> None:
+        tmp = args.out.with_name(args.out.name + ".tmp.npz")
+        np.savez(tmp, sources=np.array(list(done)), descriptors=np.stack(list(done.values())).astype(np.float32),
+                 embedder_id=dl.embedder_id)
+        tmp.replace(args.out)
+
+    for n, (src, b) in enumerate(todo, 1):
+        path = src.split("#")[0]
+        image = load_image(path)
+        chip = dl.align(image, Detection(Box(*map(float, b)), 1.0, "mtcnn"))
+        done[src] = dl.embed(chip[None])[0]
+        if n % 100 == 0:
+            save()
+            log.info("%d/%d, %.2fs/face", n, len(todo), (time.time() - t0) / n)
+    if done:
+        save()
+    log.info("done: %d descriptors in %s", len(done), args.out)
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train one embedder and write its checkpoint + a JSON report next to it."""
+    from facepipe.train.embedder import EmbedderTrainConfig, train_embedder
+
+    cfg = EmbedderTrainConfig(
+        data=[str(p) for p in args.data], loss=args.loss, dim=args.dim, crop_size=args.crop_size,
+        steps=args.steps, batch_size=args.batch_size, m_per_class=args.m_per_class, lr=args.lr,
+        seed=args.seed, device=args.device, threads=args.threads,
+        teacher=str(args.teacher) if args.teacher else None,
+        extra_unlabelled=[str(p) for p in args.extra], distill_weight=args.distill_weight,
+        distill_batch=args.distill_batch, metric_weight=args.metric_weight, val_fraction=args.val_fraction,
+        eval_every=args.eval_every, name=args.name)
+    report = train_embedder(cfg, args.out)
+    Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["metrics"], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from facepipe.train.embedder import LOSSES
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("teacher", help="cache dlib descriptors for distillation / the benchmark")
+    t.add_argument("--data", type=Path, nargs="+", required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--validation", action="store_true", help="describe the validation people instead")
+    t.add_argument("--limit", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=teacher)
+    r = sub.add_parser("train", help="train an embedder")
+    r.add_argument("--data", type=Path, nargs="+", required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--loss", choices=LOSSES, default="multisimilarity")
+    r.add_argument("--dim", type=int, default=128)
+    r.add_argument("--crop-size", type=int, default=112)
+    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--batch-size", type=int, default=96)
+    r.add_argument("--m-per-class", type=int, default=4)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--teacher", type=Path, default=None)
+    r.add_argument("--extra", type=Path, nargs="*", default=[])
+    r.add_argument("--distill-weight", type=float, default=1.0)
+    r.add_argument("--distill-batch", type=int, default=64)
+    r.add_argument("--metric-weight", type=float, default=1.0)
+    r.add_argument("--val-fraction", type=float, default=0.2)
+    r.add_argument("--eval-every", type=int, default=0)
+    r.add_argument("--name", default="facepipe-mnv2-128")
+    r.set_defaults(fn=train)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
