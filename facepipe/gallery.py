@@ -534,6 +534,9 @@ class Gallery:
         discards every change.
         """
         d = Path(directory)
+        if not create and not (d / MANIFEST).is_file():
+            raise GalleryError(d, "no such gallery directory" if not d.exists()
+                               else f"not a facepipe gallery (no {MANIFEST})")
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -109,7 +109,7 @@ def test_identify_csv_like_face_recognition(gallery_dir: Path, photos: dict[str,
     assert r.exit_code == 0, r.stderr
     rows = list(csv.reader(io.StringIO(r.stdout)))
     assert rows[0][:2] == [str(photos["p2"]), "eileen"] and float(rows[0][2]) > 0.5
-    assert rows[-1] == [str(photos["blank"]), "no_persons_found", ""]
+    assert rows[-1] == [str(photos["blank"]), "no_persons_found", "None"]
     # above every possible score: the same face is rejected as face_recognition's unknown_person
     r = run("identify", "-g", gallery_dir, *MODEL, "--threshold", "1.01", "--show-distance", photos["p2"])
     path, name, dist = next(csv.reader(io.StringIO(r.stdout)))
@@ -203,3 +203,15 @@ def test_folders_enrol_and_calibrate_on_lfw(shared_data: Path, tmp_path: Path) -
     names = [row[1] for row in csv.reader(io.StringIO(r.stdout))]
     accepted = sum(n not in ("unknown_person", "no_persons_found") for n in names)
     assert accepted <= 0.1 * out["n_impostor"] + 1e-9
+
+
+def test_index_params_parsing() -> None:
+    import click
+
+    from facepipe.commands.enroll import parse_index_params
+
+    assert parse_index_params(("efSearch=64", "nprobe=32", "nlist=0")) == {
+        "hnsw": {"efSearch": 64}, "ivf": {"nprobe": 32, "nlist": 0}}
+    for bad in ("efSearch", "foo=1", "M=x", "M=0"):
+        with pytest.raises(click.BadParameter):
+            parse_index_params((bad,))

@@ -87,6 +87,27 @@ def embed_one_face(pipe: Any, path: Path) -> np.ndarray:
     return np.asarray(best.embedding, dtype=np.float32)
 
 
+def parse_index_params(pairs: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """``("efSearch=64", "nprobe=32")`` -> ``{"hnsw": {"efSearch": 64}, "ivf": {"nprobe": 32}}``."""
+    from facepipe.gallery import DEFAULT_PARAMS
+
+    owner = {k: kind for kind, ps in DEFAULT_PARAMS.items() for k in ps}
+    out: dict[str, dict[str, int]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in owner:
+            raise click.BadParameter(f"{pair!r}: expected KEY=INT with KEY one of {', '.join(sorted(owner))}",
+                                     param_hint="--index-param")
+        try:
+            n = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: {value!r} is not an integer", param_hint="--index-param") from None
+        if n < 0 or (n == 0 and key != "nlist"):
+            raise click.BadParameter(f"{pair!r}: must be positive", param_hint="--index-param")
+        out.setdefault(owner[key], {})[key] = n
+    return out
+
+
 @dataclass
 class EnrolItem:
     """One photo to enrol for one person."""
@@ -120,6 +141,9 @@ def _chunks(items: list[EnrolItem], n: int) -> Iterable[list[EnrolItem]]:
 @click.option("--replace", is_flag=True, help="Remove the named people's existing vectors first.")
 @click.option("--index-type", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto",
               show_default=True, help="FAISS index of a new gallery (auto: exact flat, HNSW from 200k vectors).")
+@click.option("--index-param", "index_params", multiple=True, metavar="KEY=INT",
+              help="New gallery: index setting, e.g. efSearch=64, M=32, efConstruction=64 (hnsw), "
+                   "nlist=1024, nprobe=64 (ivf). Repeatable.")
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="New gallery: a person's score is the max, or the mean of the top 3, of their vectors' scores.")
 @click.option("--threshold", type=float, default=None,
@@ -129,7 +153,7 @@ def _chunks(items: list[EnrolItem], n: int) -> Iterable[list[EnrolItem]]:
 @model_options
 @verbosity_options
 def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: Path | None, replace: bool,
-           index_type: str, aggregation: str, threshold: float | None, commit_every: int,
+           index_type: str, index_params: tuple[str, ...], aggregation: str, threshold: float | None, commit_every: int,
            detector_name: str, embedder_name: str, device: str, min_face: int,
            quiet: bool, verbose: int) -> None:
     """Enrol people into a gallery: NAME IMAGE... or --from-folders ROOT.
@@ -146,6 +170,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
 
     setup_logging(quiet, verbose)
     tally = BatchTally()
+    params = parse_index_params(index_params)
     try:
         if root is not None:
             if name or images:
@@ -196,7 +221,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     t0 = time.perf_counter()
     added = 0
     new_people: set[str] = set()
-    create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type,
+    create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type, params=params,
                      aggregation=aggregation,
                      threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     bar = progress(todo, total=len(todo), desc="enroll", quiet=quiet, unit="img")

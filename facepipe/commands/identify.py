@@ -102,7 +102,8 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, top_k: int, threshold: f
                 unknown += 1
         if fmt == "csv":
             if not decisions:
-                writer.csv_row([path_str, CSV_NO_FACES] + ([""] if extra else []))
+                # face_recognition prints the missing distance as None
+                writer.csv_row([path_str, CSV_NO_FACES] + (["None"] if extra else []))
             for d in decisions:
                 row: list[Any] = [path_str, d.name if d.name != UNKNOWN else CSV_UNKNOWN]
                 if show_score:
