@@ -33,6 +33,10 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cnn-finetune": ("cnn", {"weights": "finetune"}),
     "cnn-transfer": ("cnn", {"weights": "transfer"}),
     "cnn-min48": ("cnn", {"weights": "finetune", "min_size": 48}),
+    # the whole score range (threshold 0.3 instead of the operating point) for the PR curve
+    "cnn-finetune-t0.3": ("cnn", {"weights": "finetune", "threshold": 0.3}),
+    # the from-scratch baseline is not shipped; benchmarked from its training output
+    "cnn-scratch": ("cnn", {"weights": "runs/classifier_scratch/scratch.pt"}),
     "haar+cnn": ("haar+cnn", {}),
     "mtcnn": ("mtcnn", {}),
 }
@@ -61,17 +65,26 @@ def _build(label: str, device: str, extra: dict[str, Any]) -> Any:
     return create_detector(name, **kw)
 
 
-def _plot(curves: dict[str, dict[float, Any]], out: Path, title: str) -> None:
+def _curve(r: Any, points: int = 400) -> dict[str, Any]:
+    """A PR curve downsampled for the JSON file (enough points to plot)."""
+    rec, prec = np.asarray(r.recall_curve), np.asarray(r.precision_curve)
+    if len(rec) > points:
+        idx = np.unique(np.linspace(0, len(rec) - 1, points).round().astype(int))
+        rec, prec = rec[idx], prec[idx]
+    return {"ap": r.ap, "recall": np.round(rec, 4).tolist(), "precision": np.round(prec, 4).tolist()}
+
+
+def _plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110)
-    for ax, iou in zip(axes, (0.3, 0.5)):
+    for ax, iou in zip(axes, ("0.3", "0.5")):
         for label, per in curves.items():
             r = per[iou]
-            ax.plot(r.recall_curve, r.precision_curve, lw=1.7, label=f"{label} (AP {r.ap:.3f})")
+            ax.plot(r["recall"], r["precision"], lw=1.7, label=f"{label} (AP {r['ap']:.3f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
@@ -112,7 +125,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--img", type=Path, default=Path("docs/img"))
-    ap.add_argument("--detectors", default=",".join(DETECTORS))
+    ap.add_argument("--detectors", default=",".join(k for k in DETECTORS if k != "cnn-scratch"),
+                    help=f"Comma-separated subset of: {', '.join(DETECTORS)}.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-images", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
@@ -120,6 +134,9 @@ def main() -> None:
                     help="Override the CNN detectors' score threshold (default: their own).")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--gpu-batch", type=int, default=64)
+    ap.add_argument("--no-accuracy", action="store_true", help="Only measure speed.")
+    ap.add_argument("--merge", action="store_true",
+                    help="Update <out>/detection_bench.json (keep other detectors' results).")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -132,6 +149,9 @@ def main() -> None:
             if DETECTORS[lab][0] in ("cnn", "haar+cnn"):
                 extra[lab] = {"threshold": args.cnn_threshold}
     sets = sorted(p for p in (root / "detection").iterdir() if (p / "annotations.json").is_file())
+    old: dict[str, Any] = {}
+    if args.merge and (args.out / "detection_bench.json").is_file():
+        old = json.loads((args.out / "detection_bench.json").read_text())
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
@@ -145,20 +165,33 @@ def main() -> None:
     }
     dets = {lab: _build(lab, "cpu", extra) for lab in labels}
     results["detectors"] = {lab: d.describe() for lab, d in dets.items()}
-    for sdir in sets:
+    if old:
+        for key in ("detectors", "speed"):
+            results[key] = {**{k: v for k, v in old.get(key, {}).items() if k not in labels}, **results[key]}
+        results["sets"] = old.get("sets", {})
+        results["runs"] = old.get("runs", [])
+    results.setdefault("runs", []).append({"date": results["date"], "detectors": labels,
+                                           "accuracy": not args.no_accuracy, "speed": not args.no_speed,
+                                           "load_average_at_start": results["load_average_at_start"]})
+    for sdir in ([] if args.no_accuracy else sets):
         gt = load_annotations(sdir)
         imgs = [load_image(g.path) for g in gt]
         gtb = [list(g.boxes) for g in gt]
-        curves: dict[str, dict[float, Any]] = {}
-        per: dict[str, Any] = {}
+        prev = results["sets"].get(sdir.name, {})
+        curves: dict[str, dict[str, Any]] = dict(prev.get("curves", {}))
+        per: dict[str, Any] = dict(prev.get("results", {}))
         for lab, det in dets.items():
             run = run_detector(det.detect, imgs, lab)
             per[lab] = summarize(run, gtb)
-            curves[lab] = {t: precision_recall(run.detections, gtb, t) for t in (0.3, 0.5)}
+            curves[lab] = {f"{t:g}": _curve(precision_recall(run.detections, gtb, t)) for t in (0.3, 0.5)}
             print(f"{sdir.name:24s} {lab:14s} AP@0.3 {per[lab]['iou0.3']['ap']:.4f} "
                   f"AP@0.5 {per[lab]['iou0.5']['ap']:.4f} ({per[lab]['median_ms_per_image']:.0f} ms/img median)",
                   flush=True)
-        results["sets"][sdir.name] = {"images": len(imgs), "faces": sum(len(b) for b in gtb), "results": per}
+        order = [k for k in DETECTORS if k in per] + [k for k in per if k not in DETECTORS]
+        per = {k: per[k] for k in order}
+        curves = {k: curves[k] for k in order if k in curves}
+        results["sets"][sdir.name] = {"images": len(imgs), "faces": sum(len(b) for b in gtb), "results": per,
+                                      "curves": curves}
         _plot(curves, args.img / f"detection_pr_{sdir.name}.png", sdir.name)
     if not args.no_speed:
         gt = load_annotations(sets[0])

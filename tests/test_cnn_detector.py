@@ -217,7 +217,8 @@ def test_shipped_weights_find_the_astronaut_and_describe_themselves(name: str, a
     assert det.ckpt.meta["data"]["train"]["caltech_crops"] > 1000
     faces = det.detect(astronaut)
     assert faces and faces[0].box.iou(ASTRONAUT_HEAD) >= 0.5
-    assert sum(f.box.iou(ASTRONAUT_HEAD) < 0.3 for f in faces) <= 1
+    assert faces[0].score > 0.95
+    assert sum(f.box.iou(ASTRONAUT_HEAD) < 0.3 for f in faces) <= 3  # at the calibrated threshold
 
 
 @shipped

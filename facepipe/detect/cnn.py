@@ -326,9 +326,9 @@ class CNNDetector(Detector):
     """Full-image face detector from the transfer-learned classifier.
 
     ``weights``: ``finetune`` (default), ``transfer`` or a checkpoint path.
-    ``threshold``: minimum face probability of a returned box (default: a low
-    recall-oriented 0.5; the checkpoint's validation operating point is in
-    ``describe()``). ``min_size``/``max_size``: head-box sizes searched (pixels;
+    ``threshold``: minimum face probability of a returned box (default: the
+    checkpoint's ``detection_threshold``, chosen on validation images for at most
+    0.1 false positives per image, else 0.5). ``min_size``/``max_size``: head-box sizes searched (pixels;
     head boxes are ~1.3–1.5× a tight face box). ``scale_step``: pyramid ratio.
     ``nms_iou``: IoU above which lower-scoring boxes are suppressed.
     ``max_pixels``: cap on the largest pyramid level (keeps huge photos tractable).
@@ -338,7 +338,7 @@ class CNNDetector(Detector):
     def __init__(
         self,
         weights: str | Path | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         min_size: float = 24.0,
         max_size: float | None = None,
         scale_step: float = math.sqrt(2.0),
@@ -349,7 +349,7 @@ class CNNDetector(Detector):
     ) -> None:
         from facepipe.device import resolve_device
 
-        if not 0.0 <= threshold <= 1.0:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if min_size <= 0:
             raise ValueError(f"min_size must be > 0, got {min_size}")
@@ -359,6 +359,8 @@ class CNNDetector(Detector):
         self.ckpt = load_checkpoint(weights)
         self.net = fuse_batchnorm(copy.deepcopy(self.ckpt.net).eval()).to(self.device)
         self.config = self.ckpt.config
+        if threshold is None:
+            threshold = float(self.ckpt.meta.get("detection_threshold", 0.5))
         self.threshold = float(threshold)
         self.min_size = float(min_size)
         self.max_size = float(max_size) if max_size else None
@@ -376,7 +378,7 @@ class CNNDetector(Detector):
             "weights_sha256": self.ckpt.sha256[:12],
             "regime": self.ckpt.meta.get("regime"),
             "threshold": self.threshold,
-            "validation_threshold": self.ckpt.threshold,
+            "window_validation_threshold": self.ckpt.threshold,
             "min_size": self.min_size,
             "max_size": self.max_size,
             "scale_step": self.scale_step,
@@ -492,13 +494,14 @@ class HaarCNNDetector(Detector):
 
     Haar runs permissively (``min_neighbors`` 2) to keep recall; each proposal is
     turned into a head-sized window, scored by the CNN's centre cell, and its box
-    refined with the CNN's regression. Scores are CNN probabilities.
+    refined with the CNN's regression. Scores are CNN probabilities; ``threshold``
+    defaults to the checkpoint's detection threshold (as for ``cnn``).
     """
 
     def __init__(
         self,
         weights: str | Path | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         min_size: int = 20,
         scale_factor: float = 1.1,
         min_neighbors: int = 2,
@@ -512,6 +515,8 @@ class HaarCNNDetector(Detector):
         self.device = resolve_device(device)
         self.ckpt = load_checkpoint(weights)
         self.net = fuse_batchnorm(copy.deepcopy(self.ckpt.net).eval()).to(self.device)
+        if threshold is None:
+            threshold = float(self.ckpt.meta.get("detection_threshold", 0.5))
         self.threshold = float(threshold)
         self.nms_iou = float(nms_iou)
         self.name = "haar+cnn"
