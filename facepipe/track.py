@@ -115,21 +115,26 @@ class Tracker:
     """IoU + embedding-similarity tracker over the analysed frames of one video.
 
     A detection may continue a track when its box overlaps the track's predicted
-    box (IoU at least ``iou_min``) or its centre lies within ``max_jump`` box
-    sizes of the predicted centre with a similar size (fast faces, long stride
-    gaps); when both have embeddings, also when they look alike (cosine at least
-    ``sim_min``) within twice that distance, and never when they look clearly
-    different (cosine below ``sim_min / 2``), so people crossing keep their
-    tracks. The affinity maximised by the assignment is the position score
-    (IoU, or half the closeness) mixed with the similarity by ``iou_weight``.
-    ``max_gap_s``: how long a track survives unseen; ``ema``: how fast a
-    track's reference embedding follows new frames.
+    box (IoU at least ``iou_min``: strong position evidence) or its centre lies
+    within ``max_jump`` box sizes of the predicted centre with a similar size
+    (weak position evidence: fast faces, long stride gaps). When both sides have
+    embeddings, weak position evidence must be confirmed by appearance (cosine at
+    least ``sim_min``), a look-alike within twice that distance also matches, and
+    even overlapping boxes are refused when the faces look clearly different
+    (cosine below ``sim_veto``, default ``sim_min / 2``), so people crossing keep
+    their tracks and a track does not jump to a nearby stranger when its face is
+    lost. ``sim_min`` is the embedder's same-person similarity: with a gallery,
+    use its calibrated threshold. The affinity maximised by the assignment is the
+    position score (IoU, or half the closeness) mixed with the similarity by
+    ``iou_weight``. ``max_gap_s``: how long a track survives unseen; ``ema``: how
+    fast a track's reference embedding follows new frames.
     """
 
     def __init__(
         self,
         iou_min: float = 0.2,
         sim_min: float = 0.5,
+        sim_veto: float | None = None,
         iou_weight: float = 0.5,
         max_gap_s: float = 1.0,
         max_jump: float = 1.0,
@@ -141,6 +146,7 @@ class Tracker:
             raise ValueError(f"max_gap_s must be >= 0, got {max_gap_s}")
         self.iou_min = float(iou_min)
         self.sim_min = float(sim_min)
+        self.sim_veto = float(sim_veto) if sim_veto is not None else self.sim_min / 2.0
         self.iou_weight = float(iou_weight)
         self.max_gap_s = float(max_gap_s)
         self.max_jump = float(max_jump)
@@ -167,7 +173,8 @@ class Tracker:
         # Closeness 1 at the predicted centre, 0 at ``max_jump`` box sizes away: catches
         # fast faces (or long stride gaps) whose boxes no longer overlap the prediction.
         closeness = np.clip(1.0 - dist / (self.max_jump * np.maximum(psize, dsize)), 0.0, 1.0)
-        valid = (iou >= self.iou_min) | ((closeness > 0) & (ratio <= 2.0))
+        strong = iou >= self.iou_min
+        valid = strong | ((closeness > 0) & (ratio <= 2.0))
         pos = np.maximum(iou, 0.5 * closeness)
         aff = pos.copy()
         have_emb = [t.embedding is not None for t in tracks]
@@ -184,14 +191,19 @@ class Tracker:
                     D[j] = o.embedding
             sim = T @ D.T
             both = np.outer(have_emb, obs_emb)
-            # Appearance match: the same-looking face, up to twice as far as a position match.
+            # With embeddings on both sides: overlap counts unless the faces clearly differ;
+            # anything weaker (a nearby box, or a look-alike up to twice as far) needs the
+            # faces to look like the same person.
             near = dist <= 2.0 * self.max_jump * np.maximum(psize, dsize)
-            valid = np.where(both, valid | ((sim >= self.sim_min) & near), valid)
-            # With embeddings on both sides a pair must also look alike, so two people
-            # crossing do not swap tracks on overlap alone.
-            valid &= ~both | (sim >= self.sim_min * 0.5)
+            with_emb = (strong & (sim >= self.sim_veto)) | (near & (sim >= self.sim_min))
+            valid = np.where(both, with_emb, valid)
             aff = np.where(both, self.iou_weight * pos + (1 - self.iou_weight) * np.clip(sim, 0, 1), pos)
         return aff, valid
+
+    def cut(self) -> None:
+        """End every live track (a shot change: nobody continues across a camera cut)."""
+        self.finished.extend(self.active)
+        self.active = []
 
     def update(self, frame_index: int, t: float, observations: Sequence[Observation]) -> list[int]:
         """Match one analysed frame's faces to tracks; returns a track id per observation."""

@@ -545,6 +545,31 @@ class FrameAnalyzer:
         return d
 
 
+# --------------------------------------------------------------------------- shot changes
+
+
+def frame_signature(image: np.ndarray) -> np.ndarray:
+    """A hue/saturation histogram of a thumbnail (L1-normalised), for shot-change detection."""
+    import cv2
+
+    small = cv2.resize(image, (64, 36), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    h = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+    return cv2.normalize(h, None, 1.0, 0.0, cv2.NORM_L1)
+
+
+def shot_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Bhattacharyya distance between two frame signatures (0 same, 1 disjoint colours)."""
+    import cv2
+
+    return float(cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA))
+
+
+#: Signature distance above which consecutive analysed frames are a camera cut. On the
+#: shared clips, cuts measure 0.41-0.57 and frames within a shot at most 0.16.
+SHOT_CUT_DISTANCE = 0.3
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -718,6 +743,7 @@ def process_video(
     tracker: Tracker | None = None,
     unknown_weight: float = 0.5,
     embed_every: int = 1,
+    shot_cut: float | None = SHOT_CUT_DISTANCE,
     settings: dict[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> VideoResult:
@@ -726,6 +752,9 @@ def process_video(
     ``embed_every`` > 1: a face that clearly continues a track with at least three
     embedded frames is embedded (and identified) only on every ``embed_every``-th
     analysed frame; new, ambiguous or uncertain faces are embedded on every one.
+    ``shot_cut``: when the colour signature of consecutive analysed frames differs
+    by more than this (:func:`shot_distance`), every track ends there (a camera
+    cut; the frame record gets ``"cut": true``); ``None`` disables it.
 
     ``on_progress(phase, frames_done, total)`` is called as frames go by, with
     ``phase`` ``"analyse"`` then ``"annotate"``. Raises :class:`VideoReadError`
@@ -755,6 +784,8 @@ def process_video(
             total = info.frame_count
             analysed = 0
             prev_rec: dict[str, Any] | None = None
+            prev_sig: np.ndarray | None = None
+            cuts = 0
             pending: list[dict[str, Any]] = []
             try:
                 raw_f = raw.open("w")
@@ -769,13 +800,25 @@ def process_video(
                     shown = [f for f in batch if f.image is not None]
                     images = [f.image for f in shown]
                     dets = analyzer.detect(images)  # type: ignore[arg-type]
+                    t0 = time.perf_counter()
+                    cut_at: set[int] = set()
+                    if shot_cut is not None:
+                        for f in shown:
+                            sig = frame_signature(f.image)  # type: ignore[arg-type]
+                            if prev_sig is not None and shot_distance(prev_sig, sig) > shot_cut:
+                                cut_at.add(f.index)
+                            prev_sig = sig
                     want = None
                     if embed_every > 1 and analyzer.pipeline is not None:
+                        # After a cut in this batch no face continues an earlier track.
+                        first_cut = min(cut_at) if cut_at else None
                         want = [
                             [not c or (analysed + k) % embed_every == 0
+                             or (first_cut is not None and f.index >= first_cut)
                              for c in covered_by_tracks(tracker, f.time, [d.box for d in ds])]
                             for k, (f, ds) in enumerate(zip(shown, dets))
                         ]
+                    timings["track"] += time.perf_counter() - t0
                     observations = iter(analyzer.observe(images, dets, want))  # type: ignore[arg-type]
                     t0 = time.perf_counter()
                     for fr in batch:
@@ -785,6 +828,10 @@ def process_video(
                             pending.append(rec)
                             continue
                         obs = next(observations)
+                        if fr.index in cut_at:
+                            tracker.cut()
+                            rec["cut"] = True
+                            cuts += 1
                         ids = tracker.update(fr.index, fr.time, obs)
                         rec["faces"] = [_face_record(i, o.detection.box, o.detection.score, o, False)
                                         for i, o in zip(ids, obs)]
@@ -835,7 +882,7 @@ def process_video(
                 w.writerow(["" if getattr(s, k) is None else getattr(s, k) for k in header])
         _write_json(tmp[outputs.tracks_json], {
             "video": str(src), "info": asdict(info), "frames": n_frames, "analysed_frames": analysed,
-            "stride": stride, "tracks": [asdict(s) for s in summaries],
+            "stride": stride, "shot_cuts": cuts, "tracks": [asdict(s) for s in summaries],
         })
         timings["write"] = time.perf_counter() - t0
 

@@ -327,3 +327,26 @@ def test_truncated_video_leaves_no_outputs(tmp_path: Path, astronaut: np.ndarray
     with pytest.raises(VideoReadError, match="truncated"):
         process_video(cut, outs, haar_analyzer, batch_size=4)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_tracks_end_at_a_camera_cut(tmp_path: Path, astronaut: np.ndarray,
+                                    haar_analyzer: FrameAnalyzer) -> None:
+    """Same face, same place, but the shot changes (another background): a new track."""
+    frames = clip_frames(astronaut, 10, step=2)
+    for f in frames[5:]:
+        mask = np.ones(f.shape[:2], bool)
+        mask[60:180, :] = False                       # keep the face's rows
+        f[mask] = (30, 90, 200)                      # a blue stage instead of grey
+        f[60:180, 200:] = (30, 90, 200)
+    src = write_clip(tmp_path / "cut.mp4", frames)
+    outs = output_paths(tmp_path / "out", "cut.mp4")
+    res = process_video(src, outs, haar_analyzer, batch_size=4, annotate=False)
+    recs = _records(outs.frames)
+    assert [r["frame"] for r in recs if r.get("cut")] == [5]
+    ids = [r["faces"][0]["track"] for r in recs]
+    assert ids[:5] == [1] * 5 and ids[5:] == [2] * 5
+    assert [(t.first_frame, t.last_frame) for t in res.tracks] == [(0, 4), (5, 9)]
+    assert json.loads(outs.tracks_json.read_text())["shot_cuts"] == 1
+    # without cut detection the face stays on one track
+    res = process_video(src, outs, haar_analyzer, batch_size=4, annotate=False, shot_cut=None)
+    assert len(res.tracks) == 1

@@ -167,3 +167,38 @@ def test_onet_landmarks_agree_with_the_full_mtcnn_refinement(astronaut: np.ndarr
     # a box on something that is not a face gets no landmarks
     (none,), = onet([np.full((200, 200, 3), 127, np.uint8)], [[boxes[0][0].scaled(0.3)]])
     assert none is None
+
+
+@pytest.mark.data
+def test_real_clip_performer_is_identified_by_track(shared_data: Path, tmp_path: Path) -> None:
+    """Hamilton clip + the source's own enrolment photo, with dlib's embedder (the [peers] extra).
+
+    The performer's track must carry his name; the clip's camera cut to the audience must
+    end it (the audience members are not enrolled: unknown).
+    """
+    pytest.importorskip("dlib")
+    from facepipe.detect import create_detector
+    from facepipe.embed import load_embedder
+    from facepipe.gallery import Gallery
+    from facepipe.io import load_image
+    from facepipe.pipeline import FacePipeline
+
+    emb = load_embedder("dlib", device="cpu")
+    photo = shared_data / "identities" / "face_recognition_examples" / "lin_manuel_miranda" / "lin-manuel-miranda.png"
+    (face,) = FacePipeline(create_detector("haar", min_size=40), emb, device="cpu",
+                           largest_only=True).process(load_image(photo)).faces
+    gal = tmp_path / "gallery"
+    with Gallery.edit(gal, embedder_id=emb.embedder_id, dim=emb.dim, threshold=0.9) as g:
+        g.add(face.embedding[None, :], ["lin_manuel_miranda"])
+    clip = shared_data / "videos" / "face_recognition_short_hamilton_clip.mp4"
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["video", str(clip), "--out", str(out), "--gallery", str(gal),
+                                 "--embedder", "dlib", "--min-size", "60", "--stride", "4",
+                                 "--no-annotate", "--threads", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / f"{clip.name}.tracks.json").read_text())
+    assert summary["shot_cuts"] >= 2
+    longest = max(summary["tracks"], key=lambda t: t["frames"])
+    assert longest["identity"] == "lin_manuel_miranda" and longest["confidence"] > 0.7
+    assert longest["last_time"] - longest["first_time"] > 3.0
+    assert longest["last_time"] < 7.1          # the cut to the audience at 7.04 s ends it

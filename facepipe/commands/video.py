@@ -40,6 +40,16 @@ def _unique_relative(item: Any, used: set[Path]) -> Path:
     return c
 
 
+def _tracker(analyzer: Any, max_gap: float) -> Any:
+    """A tracker whose same-person similarity is the gallery's calibrated threshold
+    (embedders differ: dlib's vectors of two different people often have cosine 0.85)."""
+    from facepipe.track import Tracker
+
+    if analyzer.gallery is not None:
+        return Tracker(max_gap_s=max_gap, sim_min=float(analyzer.gallery.threshold))
+    return Tracker(max_gap_s=max_gap)
+
+
 def _quiet_decoder_logs(verbose: int) -> None:
     """Keep FFmpeg's and OpenCV's own warnings (e.g. "moov atom not found") off stderr: a
     bad file is reported once, as facepipe's one-line error. ``-vv`` shows them."""
@@ -86,6 +96,9 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.option("--annotate/--no-annotate", default=True, show_default=True,
               help="Write NAME.annotated.mp4 with boxes, names and track ids.")
 @click.option("--resume", is_flag=True, help="Skip videos already finished with the same settings.")
+@click.option("--shot-cut", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+              help="End all tracks where consecutive analysed frames' colour histograms differ by "
+              "more than this (Bhattacharyya distance; a camera cut). 0 disables.")
 @click.option("--max-gap", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Seconds a track survives without being seen.")
 @verbosity_options
@@ -106,6 +119,7 @@ def video(
     threads: int,
     annotate: bool,
     resume: bool,
+    shot_cut: float,
     max_gap: float,
     quiet: bool,
     verbose: int,
@@ -121,7 +135,6 @@ def video(
     exit code is 1 if any input failed.
     """
     from facepipe.io import ensure_output_dir
-    from facepipe.track import Tracker
     from facepipe.video import build_analyzer, is_complete, iter_videos, output_paths, process_video
 
     setup_logging(quiet, verbose)
@@ -156,7 +169,7 @@ def video(
     files = [f for f in found if not isinstance(f, NoInputsError)]
     threshold = float(analyzer.gallery.threshold) if analyzer.gallery is not None else 0.5
     settings = {**analyzer.describe(), "stride": stride, "annotate": annotate, "max_gap": max_gap,
-                "embed_every": embed_every}
+                "embed_every": embed_every, "shot_cut": shot_cut}
     skipped = frames_total = 0
     t0 = time.perf_counter()
     overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
@@ -184,8 +197,8 @@ def video(
             try:
                 result = process_video(
                     item.path, outputs, analyzer, stride=stride, batch_size=batch_size,
-                    annotate=annotate, tracker=Tracker(max_gap_s=max_gap), unknown_weight=threshold,
-                    embed_every=embed_every, settings=settings, on_progress=on_progress,
+                    annotate=annotate, tracker=_tracker(analyzer, max_gap), unknown_weight=threshold,
+                    embed_every=embed_every, shot_cut=shot_cut or None, settings=settings, on_progress=on_progress,
                 )
             except FacepipeError as exc:
                 tally.fail(str(exc))
