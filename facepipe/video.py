@@ -988,6 +988,10 @@ def build_analyzer(
     from facepipe.device import validate_device_spec
 
     validate_device_spec(device)
+    if device.strip().lower().startswith("cuda"):
+        from facepipe.device import resolve_device
+
+        resolve_device(device)   # asking for a GPU that is not there is an error, even for Haar
     opts = dict(detector_options or {})
     if detector != "haar":
         opts.setdefault("device", device)

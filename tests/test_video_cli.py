@@ -78,6 +78,11 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "no such file or directory" in r.output
     r = CliRunner().invoke(cli, ["video", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "tpu"])
     assert r.exit_code != 0 and "invalid device" in r.output
+    import torch
+
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(cli, ["video", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
+        assert r.exit_code != 0 and "CUDA is not available" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.data
