@@ -413,7 +413,7 @@ class FrameAnalyzer:
     ``landmarks`` says where the landmarks of detectors that give none come from:
     ``"onet"`` (default) batches every face of the batch through MTCNN's O-Net
     (:class:`OnetLandmarker`; mean landmark difference from ``"mtcnn"`` 4 % of the
-    eye distance on LFW, about 20x cheaper per face), ``"mtcnn"`` runs the full
+    eye distance on LFW, about 10x cheaper per face), ``"mtcnn"`` runs the full
     MTCNN cascade per face region exactly as ``identify`` does, ``"box"`` uses a
     plain box crop.
     """
