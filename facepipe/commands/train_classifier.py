@@ -22,11 +22,11 @@ from facepipe.errors import FacepipeError
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=8), default=128, show_default=True)
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--epochs-transfer", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--epochs-transfer", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--epochs-finetune", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--epochs-scratch", type=click.IntRange(min=0), default=7, show_default=True)
-@click.option("--epochs-bootstrap", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--epochs-scratch", type=click.IntRange(min=0), default=6, show_default=True)
+@click.option("--epochs-bootstrap", type=click.IntRange(min=0), default=1, show_default=True,
               help="Epochs after adding the model's own false positives as hard negatives.")
 @click.option("--bootstrap-rounds", type=click.IntRange(min=0), default=1, show_default=True,
               help="Rounds of hard-negative mining (each followed by --epochs-bootstrap epochs).")

@@ -46,11 +46,11 @@ class TrainSettings:
 
     seed: int = 0
     batch_size: int = 128
-    steps_per_epoch: int = 100
-    epochs_transfer: int = 4
+    steps_per_epoch: int = 60
+    epochs_transfer: int = 3
     epochs_finetune: int = 3
-    epochs_scratch: int = 7
-    epochs_bootstrap: int = 2
+    epochs_scratch: int = 6
+    epochs_bootstrap: int = 1
     bootstrap_rounds: int = 1
     mine_lfw: int = 400
     init: dict[str, str] = field(default_factory=dict)  # regime -> checkpoint to continue from
