@@ -239,3 +239,59 @@ def test_detect_cli_with_cnn(astronaut_path: Path, tmp_path: Path) -> None:
     assert rows and rows[0][0] == str(astronaut_path)
     top, right, bottom, left = map(int, rows[0][1:5])
     assert Box.from_xyxy(left, top, right, bottom).iou(ASTRONAUT_HEAD) >= 0.5
+
+
+def test_eval_set_duplicates_flags_crops_cut_from_benchmark_faces(tmp_path: Path, astronaut: np.ndarray) -> None:
+    import json
+
+    import cv2
+    from PIL import Image
+
+    from facepipe.train.classifier_data import eval_set_duplicates
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(astronaut).save(tmp_path / "images" / "a.png")
+    b = ASTRONAUT_HEAD
+    (tmp_path / "annotations.json").write_text(json.dumps({
+        "format": "facepipe-detection-v1",
+        "images": [{"file": "images/a.png", "width": 512, "height": 512, "boxes": [[b.x, b.y, b.w, b.h]]}]}))
+    grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    same = cv2.resize(grey[int(b.y):int(b.y2), int(b.x):int(b.x2)], (36, 36), interpolation=cv2.INTER_AREA)
+    other = cv2.resize(grey[300:420, 20:140], (36, 36), interpolation=cv2.INTER_AREA)
+    flags = eval_set_duplicates(np.stack([same, other]), tmp_path / "annotations.json")
+    assert flags.tolist() == [True, False]
+
+
+def test_detection_threshold_calibration_respects_the_fp_budget(astronaut: np.ndarray, ckpt_path: Path) -> None:
+    from skimage import data
+
+    from facepipe.train.classifier import calibrate_detection_threshold
+    from facepipe.train.classifier_data import DataSplit, SourceImage
+
+    face = np.array([[ASTRONAUT_HEAD.x, ASTRONAUT_HEAD.y, ASTRONAUT_HEAD.w, ASTRONAUT_HEAD.h]])
+    val = DataSplit(faces=[SourceImage(astronaut, face)],
+                    scenes=[SourceImage(data.coffee()[::2, ::2].copy(), np.zeros((0, 4)))])
+    cal = calibrate_detection_threshold(ckpt_path, val, max_fp_per_image=1.0)
+    assert cal["val_images"] == 2 and 0.3 <= cal["threshold"] <= 0.999
+    det = CNNDetector(ckpt_path, threshold=cal["threshold"], device="cpu")
+    fps = sum(sum(f.box.iou(ASTRONAUT_HEAD) < 0.3 for f in det.detect(img))
+              for img in (astronaut, val.scenes[0].image))
+    assert fps <= 2 or cal["threshold"] == 0.999
+
+
+def test_detect_cli_any_colour_mode_and_size(tmp_path: Path, astronaut: np.ndarray) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from facepipe.cli import cli
+
+    Image.fromarray(astronaut).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(astronaut).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(astronaut[:1, :1]).save(tmp_path / "tiny.png")
+    Image.fromarray(astronaut).convert("P").save(tmp_path / "palette.png")
+    if not resolve_weights("finetune").is_file():
+        pytest.skip("shipped weights missing")
+    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn", "--device", "cpu", "-q", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    found = {Path(r.split(",")[0]).name for r in res.output.strip().splitlines()}
+    assert {"grey.png", "rgba.png", "palette.png"} <= found and "tiny.png" not in found
