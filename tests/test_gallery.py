@@ -358,3 +358,24 @@ def test_gallery_calibration_scores(tmp_path: Path) -> None:
     assert np.mean([d.known for d in g3.identify(imp)]) <= 0.01
     with pytest.raises(GalleryError, match="not enrolled"):
         g.calibration_scores(gen[:1], ["stranger"], imp)
+
+
+def _faiss_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _faiss_gpu(), reason="needs faiss with GPU support and a GPU")
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_gpu_search_matches_cpu(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(18)
+    x, names, _ = clustered(rng, 100, 5)
+    g = build(tmp_path, x, names, kind=kind, params={"ivf": {"nlist": 8, "nprobe": 8},
+                                                     "hnsw": {"efSearch": 256}})
+    q = rng.normal(size=(50, DIM)).astype(np.float32)
+    cpu = [[m.name for m in r] for r in g.rank(q, 3)]
+    assert g.to_device("cuda") == "cuda:0"
+    gpu = [[m.name for m in r] for r in g.rank(q, 3)]
+    assert np.mean([a == b for a, b in zip(cpu, gpu)]) >= 0.96
