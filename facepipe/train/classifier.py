@@ -370,7 +370,8 @@ def train_classifiers(
         }
         save_checkpoint(out_dir / f"{regime}.pt", net.cpu(), config, metrics["threshold"], meta)
         # the detector's operating point, chosen on validation images
-        meta["detection_calibration"] = calibrate_detection_threshold(out_dir / f"{regime}.pt", val)
+        meta["detection_calibration"] = calibrate_detection_threshold(out_dir / f"{regime}.pt", val,
+                                                                      device=str(device))
         meta["detection_threshold"] = meta["detection_calibration"]["threshold"]
         report(f"{regime}: detection threshold {meta['detection_threshold']:.3f} "
                f"({meta['detection_calibration']})")
@@ -421,7 +422,7 @@ def measure_haar_head_ratio(split: DataSplit, limit: int = 300) -> dict[str, flo
 
 
 def calibrate_detection_threshold(checkpoint: str | Path, val: DataSplit, max_fp_per_image: float = 0.1,
-                                  max_lfw: int = 300) -> dict[str, float]:
+                                  max_lfw: int = 300, device: str = "cpu") -> dict[str, float]:
     """Choose the detector's operating threshold on validation images (never on a benchmark set).
 
     Runs the detector at a low threshold over the validation LFW photos (head boxes from
@@ -432,7 +433,7 @@ def calibrate_detection_threshold(checkpoint: str | Path, val: DataSplit, max_fp
     from facepipe.detect.cnn import CNNDetector
     from facepipe.evaluate import box_iou_matrix
 
-    det = CNNDetector(checkpoint, threshold=0.3, device="cpu")
+    det = CNNDetector(checkpoint, threshold=0.3, device=device)
     images = [s for s in val.faces[:max_lfw]] + list(val.scenes)
     fp_scores: list[float] = []
     tp_scores: list[float] = []
