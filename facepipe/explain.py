@@ -13,12 +13,15 @@ global-average-pooled linear head; Grad-CAM extends it to any differentiable hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from facepipe.detect.base import check_image
 from facepipe.types import Box, Detection
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def _crop_matrix(box: Box, window: int, size: int) -> np.ndarray:
     return np.array([[a, 0.0, size / 2.0 - a * cx], [0.0, a, size / 2.0 - a * cy]])
 
 
-def gradcam(net: "torch.nn.Module", x: "torch.Tensor", cell: tuple[int, int]) -> tuple[np.ndarray, float]:  # noqa: F821
+def gradcam(net: "torch.nn.Module", x: "torch.Tensor", cell: tuple[int, int]) -> tuple[np.ndarray, float]:
     """Grad-CAM of the face logit at output ``cell`` for one normalised input ``(1, 3, H, W)``.
 
     Returns the map at the trunk's resolution (float32, not normalised) and the logit.
