@@ -92,7 +92,7 @@ def train(args: argparse.Namespace) -> int:
         teacher=str(args.teacher) if args.teacher else None,
         extra_unlabelled=[str(p) for p in args.extra], distill_weight=args.distill_weight,
         distill_batch=args.distill_batch, metric_weight=args.metric_weight, val_fraction=args.val_fraction,
-        eval_every=args.eval_every, name=args.name)
+        eval_every=args.eval_every, name=args.name, freeze_blocks=args.freeze_blocks)
     report = train_embedder(cfg, args.out)
     Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report["metrics"], indent=2))
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--val-fraction", type=float, default=0.2)
     r.add_argument("--eval-every", type=int, default=0)
     r.add_argument("--name", default="facepipe-mnv2-128")
+    r.add_argument("--freeze-blocks", type=int, default=0,
+                   help="freeze MobileNetV2 features[:k] and train the rest from cached trunk features "
+                        "(CPU-friendly; flip is then the only augmentation) [0 = full fine-tuning]")
     r.set_defaults(fn=train)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -136,3 +136,59 @@ def test_dlib_peer_when_installed(astronaut: np.ndarray) -> None:
     v = emb.embed(np.stack([chip, chip]))
     assert v.shape == (2, 128) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert np.allclose(v[0], v[1])
+
+
+# -- validation protocol ---------------------------------------------------------------------
+
+def test_people_split_and_pairs_are_people_disjoint() -> None:
+    from facepipe.train.embedder_data import make_pairs, people_split
+
+    rng = np.random.default_rng(0)
+    labels = np.array([f"p{k}" for k in range(300) for _ in range(rng.integers(1, 6))])
+    train, val = people_split(labels, 0.2, seed=0)
+    assert train and val and not (train & val) and train | val == set(labels)
+    assert 0.1 < len(val) / 300 < 0.3
+    # adding people does not move anyone: the split is a per-name hash
+    _, val2 = people_split(np.concatenate([labels, ["zz_new"] * 3]), 0.2, seed=0)
+    assert val <= val2
+    pairs = make_pairs(labels, val, folds=10, per_fold=50, seed=0)
+    assert set(labels[pairs.i]) | set(labels[pairs.j]) <= val
+    assert np.all((labels[pairs.i] == labels[pairs.j]) == pairs.same)
+    assert np.all(pairs.i != pairs.j)
+    fold_people = [set(labels[pairs.i[pairs.fold == f]]) | set(labels[pairs.j[pairs.fold == f]])
+                   for f in np.unique(pairs.fold)]
+    for a in range(len(fold_people)):
+        for b in range(a + 1, len(fold_people)):
+            assert not (fold_people[a] & fold_people[b])
+
+
+def test_verification_metrics_match_brute_force() -> None:
+    from facepipe.train.embedder_data import Pairs, verification_metrics
+
+    rng = np.random.default_rng(1)
+    n = 400
+    same = rng.random(n) < 0.5
+    base = rng.normal(size=(n, 16))
+    other = np.where(same[:, None], base + rng.normal(scale=1.2, size=(n, 16)), rng.normal(size=(n, 16)))
+    emb = np.concatenate([base, other]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pairs = Pairs(np.arange(n), np.arange(n) + n, same, np.arange(n) % 10)
+    m = verification_metrics(emb, pairs)
+    s = np.sum(emb[:n] * emb[n:], axis=1)
+    # AUC: probability a matched pair outscores a mismatched one
+    auc = np.mean(s[same][:, None] > s[~same][None, :]) + 0.5 * np.mean(s[same][:, None] == s[~same][None, :])
+    assert abs(m["auc"] - auc) < 1e-9
+    # 10-fold accuracy: best threshold on 9 folds by exhaustive search, applied to the 10th
+    accs = []
+    for f in range(10):
+        tr, te = pairs.fold != f, pairs.fold == f
+        cands = np.concatenate([[-2.0], np.sort(s[tr]) + 1e-9])
+        best = max(cands, key=lambda t: np.mean((s[tr] >= t) == same[tr]))
+        best_acc = np.mean((s[tr] >= best) == same[tr])
+        accs.append((best_acc, np.mean((s[te] >= best) == same[te])))
+    assert abs(m["accuracy"] - np.mean([a for _, a in accs])) < 0.02
+    # TAR at FAR: accept scores above the (k+1)-th highest impostor score, k = floor(FAR * impostors)
+    neg = np.sort(s[~same])[::-1]
+    k = int(np.floor(1e-2 * len(neg)))
+    tar = np.mean(s[same] > neg[k])
+    assert abs(m["tar@far=0.01"] - tar) < 1e-9

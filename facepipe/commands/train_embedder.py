@@ -34,12 +34,14 @@ LOSS_CHOICES = ["triplet-semihard", "triplet-hard", "contrastive", "multisimilar
 @click.option("--distill-weight", type=float, default=1.0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (bf16 on CUDA).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--freeze-blocks", type=click.IntRange(min=0, max=18), default=0, show_default=True,
+              help="Freeze MobileNetV2 features[:k], train the rest from cached trunk features (CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--install", is_flag=True, help="Copy the checkpoint to facepipe/weights/embedder_default.pt.")
 @verbosity_options
 def embedder(data: tuple[Path, ...], out: Path, loss: str, steps: int, batch_size: int, m_per_class: int,
              crop_size: int, dim: int, lr: float, teacher: Path | None, extra: tuple[Path, ...],
-             distill_weight: float, device: str, seed: int, threads: int, install: bool,
+             distill_weight: float, device: str, seed: int, freeze_blocks: int, threads: int, install: bool,
              quiet: bool, verbose: int) -> None:
     """Train the face embedder from aligned caches (people-disjoint validation, seeded).
 
@@ -55,7 +57,8 @@ def embedder(data: tuple[Path, ...], out: Path, loss: str, steps: int, batch_siz
             data=[str(p) for p in data], loss=loss, dim=dim, crop_size=crop_size, steps=steps,
             batch_size=batch_size, m_per_class=m_per_class, lr=lr, seed=seed, device=device,
             threads=threads, teacher=str(teacher) if teacher else None,
-            extra_unlabelled=[str(p) for p in extra], distill_weight=distill_weight)
+            extra_unlabelled=[str(p) for p in extra], distill_weight=distill_weight,
+            freeze_blocks=freeze_blocks)
         result = train_embedder(cfg, out)
         Path(str(out) + ".json").write_text(json.dumps(result, indent=2))
     except FacepipeError as exc:

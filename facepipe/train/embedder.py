@@ -66,6 +66,7 @@ class EmbedderTrainConfig:
     metric_weight: float = 1.0
     flip_tta: bool = True
     eval_every: int = 0
+    freeze_blocks: int = 0   # >0: freeze MobileNetV2 features[:k] and train the rest from cached trunk features
     name: str = "facepipe-mnv2-128"
 
 
@@ -151,6 +152,36 @@ def embed_array(net: "torch.nn.Module", crops: np.ndarray, crop_size: int, devic
     return np.concatenate(out) if out else np.zeros((0, net.fc.out_features), np.float32)
 
 
+def trunk_features(trunk: "torch.nn.Module", crops: np.ndarray, crop_size: int,
+                   device: "torch.device", batch: int = 128) -> np.ndarray:
+    """Frozen-trunk features of crops and of their mirror images: fp16 ``(2, N, C, h, w)``.
+
+    Used with ``freeze_blocks``: the frozen early layers run once per photo (and once
+    per mirrored photo, the only augmentation left) instead of at every step, which
+    makes CPU training several times cheaper.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from facepipe.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    trunk.eval()
+    out: list[list[np.ndarray]] = [[], []]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        for i in range(0, len(crops), batch):
+            x = _to_input(crops[i:i + batch], device)
+            if x.shape[-1] != crop_size:
+                x = F.interpolate(x, size=(crop_size, crop_size), mode="bilinear", antialias=True,
+                                  align_corners=False)
+            x = (x - mean) / std
+            for f, xx in enumerate((x, torch.flip(x, [3]))):
+                out[f].append(trunk(xx).float().cpu().numpy().astype(np.float16))
+    return np.stack([np.concatenate(o) for o in out])
+
+
 def _teacher_table(path: str | None) -> dict[str, np.ndarray]:
     if not path:
         return {}
@@ -218,7 +249,42 @@ def train_embedder(cfg: EmbedderTrainConfig, out: str | Path,
     if device.type == "cpu":
         net = net.to(memory_format=torch.channels_last)
     loss_fn, miner = make_loss(cfg.loss)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    k = int(cfg.freeze_blocks)
+    feats = pool_feats = val_feats = None
+    if k > 0:
+        for prm in net.features[:k].parameters():
+            prm.requires_grad_(False)
+        t_feat = time.time()
+        digest = cache_digest(cfg.data)
+
+        def stored(tag: str, crops: np.ndarray) -> np.ndarray:
+            # The frozen trunk is the ImageNet one, so its features depend only on the crops:
+            # keep them on disk (git-ignored out/) for the next run on the same caches.
+            f = Path("out/trunk") / f"{digest}_k{k}_s{cfg.crop_size}_{tag}_{len(crops)}.npy"
+            if f.is_file():
+                return np.load(f)
+            arr = trunk_features(net.features[:k], crops, cfg.crop_size, device)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            np.save(f, arr)
+            return arr
+
+        feats = stored(f"train{cfg.seed}", train.crops[metric_idx])
+        val_feats = stored(f"val{cfg.seed}", val.crops)
+        if len(pool_x):
+            pool_feats = trunk_features(net.features[:k], pool_x, cfg.crop_size, device)
+        log.info("trunk features[:%d] cached: %s in %.0fs", k, feats.shape[1:], time.time() - t_feat)
+
+    def head_forward(f: "torch.Tensor") -> "torch.Tensor":
+        h = net.features[k:](f)
+        h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+        return net.bn(net.fc(net.dropout(h)))
+
+    def cached(arr: np.ndarray, idx: np.ndarray) -> "torch.Tensor":
+        flip = (rng.random(len(idx)) < 0.5).astype(np.int64)
+        return torch.from_numpy(arr[flip, idx].astype(np.float32)).to(device)
+
+    opt = torch.optim.AdamW([p_ for p_ in net.parameters() if p_.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))
                                               * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -241,27 +307,36 @@ def train_embedder(cfg: EmbedderTrainConfig, out: str | Path,
     t0 = time.time()
     it = batches()
     net.train()
+    if k > 0:
+        net.features[:k].eval()  # frozen trunk keeps its ImageNet batch-norm statistics
     for step in range(cfg.steps):
         bidx = next(it)
-        x = augment(_to_input(train.crops[metric_idx[bidx]], device), cfg.crop_size, gen)
         y = torch.from_numpy(y_metric[bidx]).to(device)
         parts = {}
+        use_distill = len(pool_x) > 0 and cfg.distill_weight > 0
+        if use_distill:
+            didx = rng.integers(0, len(pool_x), cfg.distill_batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            inputs = [(x - mean) / std]
-            if len(pool_x) and cfg.distill_weight > 0:
-                didx = rng.integers(0, len(pool_x), cfg.distill_batch)
-                xd = augment(_to_input(pool_x[didx], device), cfg.crop_size, gen)
-                inputs.append((xd - mean) / std)
-            xin = torch.cat(inputs)
-            if device.type == "cpu":
-                xin = xin.contiguous(memory_format=torch.channels_last)
-            emb = F.normalize(net.forward_unnormalised(xin).float(), dim=1)
-        e_m = emb[:len(x)]
+            if k > 0:
+                inputs = [cached(feats, bidx)] + ([cached(pool_feats, didx)] if use_distill else [])
+                emb = F.normalize(head_forward(torch.cat(inputs)).float(), dim=1)
+            else:
+                x = augment(_to_input(train.crops[metric_idx[bidx]], device), cfg.crop_size, gen)
+                inputs = [(x - mean) / std]
+                if use_distill:
+                    xd = augment(_to_input(pool_x[didx], device), cfg.crop_size, gen)
+                    inputs.append((xd - mean) / std)
+                xin = torch.cat(inputs)
+                if device.type == "cpu":
+                    xin = xin.contiguous(memory_format=torch.channels_last)
+                emb = F.normalize(net.forward_unnormalised(xin).float(), dim=1)
+        nb = len(bidx)
+        e_m = emb[:nb]
         pairs_mined = miner(e_m, y) if miner is not None else None
         loss = cfg.metric_weight * loss_fn(e_m, y, pairs_mined)
         parts["metric"] = float(loss.detach())
         if len(inputs) > 1:
-            e_d = emb[len(x):]
+            e_d = emb[nb:]
             t = torch.from_numpy(pool_y[didx]).to(device)
             cos = 1.0 - (e_d * t).sum(1).mean()
             rel = F.mse_loss(e_d @ e_d.T, t @ t.T)
@@ -284,11 +359,23 @@ def train_embedder(cfg: EmbedderTrainConfig, out: str | Path,
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             m = verification_metrics(embed_array(net, val.crops, cfg.crop_size, device), pairs)
             log.info("step %d val %s", step + 1, m)
+            if k > 0:
+                net.features[:k].eval()
     train_seconds = time.time() - t0
-    metrics = {"plain": verification_metrics(embed_array(net, val.crops, cfg.crop_size, device), pairs)}
-    if cfg.flip_tta:
-        metrics["flip"] = verification_metrics(
-            embed_array(net, val.crops, cfg.crop_size, device, flip=True), pairs)
+    if val_feats is not None:  # same computation as embed_array, reusing the frozen trunk's features
+        net.eval()
+        with torch.inference_mode():
+            ev = [F.normalize(torch.cat([head_forward(torch.from_numpy(val_feats[f, i:i + 256].astype(np.float32))
+                                                      .to(device)).float()
+                                         for i in range(0, val_feats.shape[1], 256)]), dim=1)
+                  for f in (0, 1)]
+        plain, flipped = ev[0].cpu().numpy(), F.normalize(ev[0] + ev[1], dim=1).cpu().numpy()
+    else:
+        plain = embed_array(net, val.crops, cfg.crop_size, device)
+        flipped = embed_array(net, val.crops, cfg.crop_size, device, flip=True) if cfg.flip_tta else None
+    metrics = {"plain": verification_metrics(plain, pairs)}
+    if cfg.flip_tta and flipped is not None:
+        metrics["flip"] = verification_metrics(flipped, pairs)
     log.info("final val %s", metrics)
     training = {"loss": cfg.loss, "config": asdict(cfg), "data": summary, "train_seconds": train_seconds,
                 "device": str(device), "amp": "bf16" if use_amp else "fp32",

@@ -127,8 +127,9 @@ def make_pairs(labels: np.ndarray, people: set[str], folds: int = 10, per_fold: 
         pick = rng.permutation(len(cand_same))[:per_fold]
         for k in pick:
             ii.append(cand_same[k][0]); jj.append(cand_same[k][1]); ss.append(True); ff.append(f)
-        n_diff, seen = 0, set()
-        while n_diff < min(per_fold, len(pick)):
+        n_diff, seen, tries = 0, set(), 0
+        while n_diff < min(per_fold, len(pick)) and tries < 50 * per_fold:  # tiny folds run out of pairs
+            tries += 1
             pa, pb = rng.choice(len(members), 2, replace=False)
             a = by_person[members[pa]][rng.integers(len(by_person[members[pa]]))]
             b = by_person[members[pb]][rng.integers(len(by_person[members[pb]]))]
