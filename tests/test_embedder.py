@@ -107,8 +107,7 @@ def test_registry_names_and_errors() -> None:
 
 
 def test_shipped_default_checkpoint_is_self_describing(crops: np.ndarray) -> None:
-    if not DEFAULT_CHECKPOINT.is_file():  # TEMPORARY until the first trained checkpoint is committed
-        pytest.skip("default embedder checkpoint not trained yet")
+    assert DEFAULT_CHECKPOINT.is_file(), "the package must ship its default embedder"
     assert DEFAULT_CHECKPOINT.stat().st_size < 15 * 2**20
     ck = load_checkpoint(DEFAULT_CHECKPOINT)
     for key in ("loss", "data"):
