@@ -19,7 +19,11 @@ from facepipe.types import Box
 #: Eileen Collins' head box in skimage's astronaut photo (Hays' rule from MTCNN landmarks).
 ASTRONAUT_HEAD = Box(162.4, 60.5, 125.3, 116.5)
 
-shipped = pytest.mark.skipif(not resolve_weights("finetune").is_file(), reason="shipped weights missing")
+
+
+def test_shipped_weights_are_installed() -> None:
+    for name in ("finetune", "transfer"):
+        assert resolve_weights(name).is_file(), f"shipped {name} weights missing from facepipe/weights"
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +213,6 @@ def test_roc_auc_matches_pairwise_definition() -> None:
     assert m["recall"] == pytest.approx((pred & (labels == 1)).sum() / (labels == 1).sum())
 
 
-@shipped
 @pytest.mark.parametrize("name", sorted(SHIPPED_WEIGHTS))
 def test_shipped_weights_find_the_astronaut_and_describe_themselves(name: str, astronaut: np.ndarray) -> None:
     det = CNNDetector(name, device="cpu")
@@ -221,13 +224,11 @@ def test_shipped_weights_find_the_astronaut_and_describe_themselves(name: str, a
     assert sum(f.box.iou(ASTRONAUT_HEAD) < 0.3 for f in faces) <= 3  # at the calibrated threshold
 
 
-@shipped
 def test_haar_cnn_verifies_the_astronaut(astronaut: np.ndarray) -> None:
     faces = HaarCNNDetector(device="cpu").detect(astronaut)
     assert len(faces) == 1 and faces[0].box.iou(ASTRONAUT_HEAD) >= 0.5
 
 
-@shipped
 def test_detect_cli_with_cnn(astronaut_path: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -289,8 +290,6 @@ def test_detect_cli_any_colour_mode_and_size(tmp_path: Path, astronaut: np.ndarr
     Image.fromarray(astronaut).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(astronaut[:1, :1]).save(tmp_path / "tiny.png")
     Image.fromarray(astronaut).convert("P").save(tmp_path / "palette.png")
-    if not resolve_weights("finetune").is_file():
-        pytest.skip("shipped weights missing")
     res = CliRunner().invoke(cli, ["detect", "--detector", "cnn", "--device", "cpu", "-q", str(tmp_path)])
     assert res.exit_code == 0, res.output
     found = {Path(r.split(",")[0]).name for r in res.output.strip().splitlines()}

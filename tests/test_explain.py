@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from facepipe.detect.cnn import ClassifierConfig, FaceClassifierNet, resolve_weights, save_checkpoint
+from facepipe.detect.cnn import ClassifierConfig, FaceClassifierNet, save_checkpoint
 from facepipe.explain import explain_detections, face_panels, gradcam, overlay
 from facepipe.types import Box, Detection
 
 ASTRONAUT_HEAD = Box(162.4, 60.5, 125.3, 116.5)
-shipped = pytest.mark.skipif(not resolve_weights("finetune").is_file(), reason="shipped weights missing")
 
 
 def test_gradcam_channel_weights_match_finite_differences() -> None:
@@ -53,7 +52,6 @@ def test_explain_detections_on_any_box(tmp_path: Path, astronaut: np.ndarray) ->
     assert explain_detections(astronaut, [], weights=str(p), device="cpu") == []
 
 
-@shipped
 def test_trained_classifier_looks_at_the_face(astronaut: np.ndarray) -> None:
     (cam,) = explain_detections(astronaut, [Detection(ASTRONAUT_HEAD, 1.0, "cnn")], device="cpu")
     assert cam.logit > 0  # the classifier calls it a face
@@ -63,7 +61,6 @@ def test_trained_classifier_looks_at_the_face(astronaut: np.ndarray) -> None:
     assert inner > 2 * ring
 
 
-@shipped
 def test_explain_cli_writes_overlays(astronaut_path: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
