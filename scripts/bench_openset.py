@@ -235,7 +235,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("DIR (enrolled people: right name and accepted)")
     ax.set_title("Open-set identification, facepipe gallery (top-1, flat index)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
