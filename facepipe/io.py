@@ -21,7 +21,7 @@ import numpy as np
 from facepipe.errors import ImageReadError, NoInputsError, OutputError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff", ".gif"}
 )
 
 #: Largest image (in pixels) facepipe decodes: 1 gigapixel, OpenCV's own limit.

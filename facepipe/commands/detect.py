@@ -104,7 +104,7 @@ def detect(
 ) -> None:
     """Find faces in images.
 
-    PATH is an image file, a directory (searched recursively for jpg, jpeg, png,
+    PATH is an image file, a directory (searched recursively for jpg, jpeg, png, gif,
     bmp, webp, pgm, ppm, tif, tiff) or a glob such as 'photos/*.jpg'. Bad files
     are reported on stderr and skipped; the exit code is 1 if any input failed.
     """
