@@ -14,11 +14,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from facepipe.errors import ImageReadError, NoInputsError, OutputError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff", ".gif"}
@@ -44,7 +47,7 @@ def _pil_pixel_limit(limit: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = old
 
 
-def _to_rgb_uint8(im: "Image.Image") -> np.ndarray:  # noqa: F821
+def _to_rgb_uint8(im: "Image.Image") -> np.ndarray:
     """Convert any Pillow mode to RGB uint8, scaling high bit depths down."""
     from PIL import Image
 

@@ -27,8 +27,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from facepipe.datasets import data_root
 from facepipe.detect import create_detector
 from facepipe.evaluate import load_annotations, plot_pr_curves, precision_recall, run_detector, summarize

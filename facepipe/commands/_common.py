@@ -8,11 +8,14 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import click
 
 from facepipe.errors import FacepipeError
+
+if TYPE_CHECKING:
+    from facepipe.io import InputFile
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +89,20 @@ class BatchTally:
     def exit_code(self) -> int:
         """0 when everything succeeded, 1 when any input failed."""
         return 1 if self.failed else 0
+
+
+def expand_inputs(paths: Iterable[str], tally: BatchTally) -> list["InputFile"]:
+    """Files named by PATH arguments; arguments that yield none are reported as failures."""
+    from facepipe.errors import NoInputsError
+    from facepipe.io import iter_inputs
+
+    files = []
+    for item in iter_inputs(list(paths)):
+        if isinstance(item, NoInputsError):
+            tally.fail(str(item))
+        else:
+            files.append(item)
+    return files
 
 
 class RecordWriter:

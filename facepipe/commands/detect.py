@@ -10,9 +10,9 @@ from typing import Any
 import click
 
 from facepipe.commands._common import (
-    BatchTally, RecordWriter, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, RecordWriter, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
 )
-from facepipe.errors import FacepipeError, NoInputsError
+from facepipe.errors import FacepipeError
 
 CSV_HEADER = ["path", "top", "right", "bottom", "left", "score"]
 
@@ -109,7 +109,7 @@ def detect(
     are reported on stderr and skipped; the exit code is 1 if any input failed.
     """
     from facepipe.draw import draw_detections
-    from facepipe.io import ensure_output_dir, iter_inputs, load_image, save_image
+    from facepipe.io import ensure_output_dir, load_image, save_image
 
     setup_logging(quiet, verbose)
     try:
@@ -122,11 +122,7 @@ def detect(
         raise fail(str(exc)) from exc
 
     tally = BatchTally()
-    inputs = list(iter_inputs(paths))
-    files = [i for i in inputs if not isinstance(i, NoInputsError)]
-    for bad in inputs:
-        if isinstance(bad, NoInputsError):
-            tally.fail(str(bad))
+    files = expand_inputs(paths, tally)
     writer = RecordWriter(fmt, CSV_HEADER if header else None)
     used: set[Path] = set()
     t0 = time.perf_counter()

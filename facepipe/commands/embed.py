@@ -11,9 +11,11 @@ from typing import Any
 import click
 import numpy as np
 
-from facepipe.commands._common import BatchTally, fail, progress, report, setup_logging, verbosity_options
+from facepipe.commands._common import (
+    BatchTally, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
+)
 from facepipe.commands.enroll import build_pipeline, model_options
-from facepipe.errors import FacepipeError, NoInputsError, OutputError
+from facepipe.errors import FacepipeError, OutputError
 
 
 def _outputs(out: Path) -> tuple[Path, Path]:
@@ -54,7 +56,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str, embedder_name: 
     faces below --min-face are reported on stderr and listed in the sidecar, not
     embedded; unreadable files are reported and skipped (exit code 1).
     """
-    from facepipe.io import iter_inputs, load_image
+    from facepipe.io import load_image
 
     setup_logging(quiet, verbose)
     npy, side = _outputs(out)
@@ -71,11 +73,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str, embedder_name: 
         raise fail(str(exc)) from exc
 
     tally = BatchTally()
-    inputs = list(iter_inputs(paths))
-    files = [i for i in inputs if not isinstance(i, NoInputsError)]
-    for bad in inputs:
-        if isinstance(bad, NoInputsError):
-            tally.fail(str(bad))
+    files = expand_inputs(paths, tally)
     vectors: list[np.ndarray] = []
     faces: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from facepipe.commands._common import (
-    BatchTally, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
 )
-from facepipe.errors import FacepipeError, NoInputsError
+from facepipe.errors import FacepipeError
 
 
 @click.command("explain")
@@ -34,7 +34,7 @@ def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str, weights: 
     """
     from facepipe.detect import create_detector
     from facepipe.explain import explain_detections, face_panels, overlay
-    from facepipe.io import ensure_output_dir, iter_inputs, load_image, save_image
+    from facepipe.io import ensure_output_dir, load_image, save_image
 
     setup_logging(quiet, verbose)
     try:
@@ -51,11 +51,7 @@ def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str, weights: 
     except FacepipeError as exc:
         raise fail(exc) from exc
     tally = BatchTally()
-    inputs = list(iter_inputs(paths))
-    for bad in inputs:
-        if isinstance(bad, NoInputsError):
-            tally.fail(str(bad))
-    files = [i for i in inputs if not isinstance(i, NoInputsError)]
+    files = expand_inputs(paths, tally)
     used: set[str] = set()
     for item in progress(files, total=len(files), desc="explain", quiet=quiet, unit="img"):
         try:

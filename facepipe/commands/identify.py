@@ -11,10 +11,10 @@ from typing import Any
 import click
 
 from facepipe.commands._common import (
-    BatchTally, RecordWriter, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, RecordWriter, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
 )
 from facepipe.commands.enroll import build_pipeline, model_options
-from facepipe.errors import FacepipeError, NoInputsError
+from facepipe.errors import FacepipeError
 
 #: face_recognition's CLI words for a rejected face and for an image without faces
 CSV_UNKNOWN = "unknown_person"
@@ -56,7 +56,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, top_k: int, threshold: f
     files are reported on stderr and skipped; the exit code is 1 if any input failed.
     """
     from facepipe.gallery import UNKNOWN, Gallery
-    from facepipe.io import iter_inputs, load_image
+    from facepipe.io import load_image
 
     setup_logging(quiet, verbose)
     if show_score and show_distance:
@@ -72,11 +72,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, top_k: int, threshold: f
         report(f"facepipe: warning: gallery {gallery_dir} is empty; every face will be unknown")
 
     tally = BatchTally()
-    inputs = list(iter_inputs(paths))
-    files = [i for i in inputs if not isinstance(i, NoInputsError)]
-    for bad in inputs:
-        if isinstance(bad, NoInputsError):
-            tally.fail(str(bad))
+    files = expand_inputs(paths, tally)
     extra = ["score"] if show_score else (["distance"] if show_distance else [])
     writer = RecordWriter(fmt, ["path", "name"] + extra if header else None)
     known = unknown = 0

@@ -27,13 +27,16 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from facepipe.train.embedder_data import (
-    AlignedSet, cache_digest, load_aligned, make_pairs, people_split, verification_metrics,
+    cache_digest, load_aligned, make_pairs, people_split, verification_metrics,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
