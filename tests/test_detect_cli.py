@@ -46,6 +46,19 @@ def test_csv_output_matches_face_recognition_order(astronaut_path: Path) -> None
     assert float(score) > 0
 
 
+def test_default_detector_is_the_benchmark_winner(astronaut_path: Path) -> None:
+    r = run("detect", "--format", "json", str(astronaut_path))
+    faces = json.loads(r.stdout)[0]["faces"]
+    assert {f["detector"] for f in faces} == {"mtcnn"} and len(faces[0]["landmarks"]) == 5
+
+
+def test_haar_still_available(astronaut_path: Path) -> None:
+    r = run("detect", "--detector", "haar", "--format", "json", str(astronaut_path))
+    faces = json.loads(r.stdout)[0]["faces"]
+    assert faces[0]["detector"] == "haar"
+    assert Box(faces[0]["x"], faces[0]["y"], faces[0]["w"], faces[0]["h"]).iou(ASTRONAUT_FACE) > 0.5
+
+
 def test_csv_header_option(astronaut_path: Path) -> None:
     r = run("detect", "--header", str(astronaut_path))
     assert r.stdout.splitlines()[0] == "path,top,right,bottom,left,score"
@@ -132,10 +145,12 @@ def test_odd_modes_are_processed(tmp_path: Path, astronaut: np.ndarray, mode: st
 
 
 def test_option_errors_are_one_line(astronaut_path: Path) -> None:
-    r = run("detect", "--cascade", "nonexistent", str(astronaut_path))
+    r = run("detect", "--detector", "haar", "--cascade", "nonexistent", str(astronaut_path))
     _no_traceback(r)
     assert r.exit_code != 0 and "unknown cascade" in r.stderr
     r = run("detect", "--detector", "nope", str(astronaut_path))
     assert r.exit_code != 0 and "unknown detector" in r.stderr
+    r = run("detect", "--cascade", "alt", str(astronaut_path))  # default detector is MTCNN
+    assert r.exit_code != 0 and "--cascade applies to --detector haar" in r.stderr
     r = run("detect", "--device", "tpu", str(astronaut_path))
     assert r.exit_code != 0 and "invalid device" in r.stderr

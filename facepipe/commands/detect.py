@@ -69,13 +69,14 @@ def _annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
 
 @click.command("detect")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--detector", "detector_name", default="haar", show_default=True,
-              help="Detector: haar (Viola–Jones cascade), cnn (transfer-learned MobileNetV2), "
-              "haar+cnn (Haar proposals verified by the CNN), mtcnn (reference).")
-@click.option("--cascade", default="default", show_default=True,
-              help="Haar cascade: default, alt, alt2, alt_tree, profile, or a cascade XML path.")
+@click.option("--detector", "detector_name", default="mtcnn", show_default=True,
+              help="Detector: mtcnn (default: most accurate at Haar's speed, see docs/detection.md), "
+              "haar (Viola–Jones cascade), cnn (transfer-learned MobileNetV2), "
+              "haar+cnn (Haar proposals verified by the CNN).")
+@click.option("--cascade", default=None,
+              help="Haar cascade (haar, haar+cnn): default, alt, alt2, alt_tree, profile, or a cascade XML path.")
 @click.option("--min-size", type=click.IntRange(min=1), default=None,
-              help="Smallest face side to find, in pixels [haar: 24].")
+              help="Smallest face side to find, in pixels [mtcnn: 20, haar and cnn: 24].")
 @click.option("--scale-factor", type=click.FloatRange(min=1.0, min_open=True), default=None,
               help="Pyramid scale step (haar) [1.1].")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=None,
@@ -91,7 +92,7 @@ def _annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
 def detect(
     paths: tuple[str, ...],
     detector_name: str,
-    cascade: str,
+    cascade: str | None,
     min_size: int | None,
     scale_factor: float | None,
     min_neighbors: int | None,
@@ -112,6 +113,11 @@ def detect(
     from facepipe.io import ensure_output_dir, load_image, save_image
 
     setup_logging(quiet, verbose)
+    haar_based = detector_name in ("haar", "haar+cnn")
+    for flag, value in (("--cascade", cascade), ("--min-neighbors", min_neighbors)):
+        if value is not None and not haar_based:
+            raise fail(f"{flag} applies to --detector haar or haar+cnn, not {detector_name}")
+    cascade = cascade or "default"
     try:
         if annotate_dir is not None:
             annotate_dir = ensure_output_dir(annotate_dir)
