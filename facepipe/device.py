@@ -47,3 +47,28 @@ def validate_device_spec(spec: str) -> str:
     if not _DEVICE_RE.match(s):
         raise DeviceUnavailableError(f"invalid device {spec!r}; use auto, cpu, cuda or cuda:N")
     return s
+
+
+def describe_machine() -> str:
+    """One line naming this machine's CPU (and GPU, if torch sees one), for benchmark reports."""
+    import os
+    import platform
+    from pathlib import Path
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} x {cpu}{gpu}, Python {platform.python_version()}"

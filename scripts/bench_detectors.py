@@ -20,12 +20,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from facepipe.device import describe_machine
 
 
 DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -40,18 +41,6 @@ DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {
     "haar+cnn": ("haar+cnn", {}),
     "mtcnn": ("mtcnn", {}),
 }
-
-
-def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs"
 
 
 def _build(label: str, device: str, extra: dict[str, Any]) -> Any:
@@ -154,7 +143,7 @@ def main() -> None:
         old = json.loads((args.out / "detection_bench.json").read_text())
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(),
+        "machine": describe_machine(),
         "threads": args.threads,
         "load_average_at_start": os.getloadavg(),
         "command": "python scripts/bench_detectors.py " + " ".join(

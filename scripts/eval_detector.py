@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from facepipe.datasets import data_root
+from facepipe.device import describe_machine
 from facepipe.detect import create_detector
 from facepipe.evaluate import load_annotations, plot_pr_curves, precision_recall, run_detector, summarize
 from facepipe.io import load_image
@@ -60,29 +60,6 @@ class _DetectorSpecs(argparse.Action):
         ns.specs = specs
 
 
-def machine_description() -> str:
-    """One line naming the CPU/GPU this ran on."""
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f", GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return f"{os.cpu_count()} x {cpu}{gpu}, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation and write results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-        "machine": machine_description(),
+        "machine": describe_machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "sets": {},
     }

@@ -30,29 +30,16 @@ def build_detector(
     from facepipe.device import validate_device_spec
 
     validate_device_spec(device)
-    kwargs: dict[str, Any] = {}
-    if name == "haar":
-        kwargs["cascade"] = cascade
-        if min_size is not None:
-            kwargs["min_size"] = min_size
-        if scale_factor is not None:
-            kwargs["scale_factor"] = scale_factor
-        if min_neighbors is not None:
-            kwargs["min_neighbors"] = min_neighbors
-    elif name == "haar+cnn":
-        kwargs["device"] = device
-        if min_size is not None:
-            kwargs["min_size"] = min_size
-        if scale_factor is not None:
-            kwargs["scale_factor"] = scale_factor
-        if min_neighbors is not None:
-            kwargs["min_neighbors"] = min_neighbors
-    elif name in ("cnn", "mtcnn"):
-        kwargs["device"] = device
-        if min_size is not None:
-            kwargs["min_size"] = min_size
-        if name == "cnn" and scale_factor is not None:
-            kwargs["scale_step"] = scale_factor
+    haar_based = name in ("haar", "haar+cnn")
+    options: dict[str, Any] = {
+        "cascade": cascade if haar_based else None,
+        "device": device if name != "haar" else None,
+        "min_size": min_size,
+        # the CNN's pyramid step is its own option name; MTCNN has a fixed factor
+        ("scale_step" if name == "cnn" else "scale_factor"): scale_factor if name != "mtcnn" else None,
+        "min_neighbors": min_neighbors if haar_based else None,
+    }
+    kwargs = {k: v for k, v in options.items() if v is not None}
     return create_detector(name, **kwargs)
 
 
