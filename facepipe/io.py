@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from facepipe.errors import ImageReadError, NoInputsError, OutputError
+from facepipe.errors import ImageReadError, InputError, NoInputsError, OutputError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -75,6 +75,22 @@ def _to_rgb_uint8(im: "Image.Image") -> np.ndarray:
     return np.asarray(im)
 
 
+def check_input_file(path: str | os.PathLike[str], error: type[InputError], kind: str) -> Path:
+    """Raise ``error`` naming ``path`` if it is missing, a directory, unreadable or empty."""
+    p = Path(path)
+    if not p.exists():
+        raise error(p, "no such file")
+    if p.is_dir():
+        raise error(p, f"is a directory, not {kind}")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise error(p, f"cannot read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise error(p, "empty file (0 bytes)")
+    return p
+
+
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to an RGB ``uint8`` array ``(H, W, 3)``.
 
@@ -83,17 +99,7 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.exists():
-        raise ImageReadError(p, "no such file")
-    if p.is_dir():
-        raise ImageReadError(p, "is a directory, not an image")
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ImageReadError(p, f"cannot read ({exc.strerror or exc})") from exc
-    if size == 0:
-        raise ImageReadError(p, "empty file (0 bytes)")
+    p = check_input_file(path, ImageReadError, "an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from facepipe.errors import DeviceUnavailableError, NoInputsError, OutputError, VideoReadError
-from facepipe.io import InputFile, iter_inputs
+from facepipe.io import InputFile, check_input_file, iter_inputs
 from facepipe.track import Observation, Tracker, covered_by_tracks, vote_identity
 from facepipe.types import Box, Detection
 
@@ -91,17 +91,7 @@ def _open_capture(path: str | os.PathLike[str]) -> tuple[Any, VideoInfo]:
     """Open a video with auto-orientation; raise :class:`VideoReadError` if it cannot be opened."""
     import cv2
 
-    p = Path(path)
-    if not p.exists():
-        raise VideoReadError(p, "no such file")
-    if p.is_dir():
-        raise VideoReadError(p, "is a directory, not a video")
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise VideoReadError(p, f"cannot read ({exc.strerror or exc})") from exc
-    if size == 0:
-        raise VideoReadError(p, "empty file (0 bytes)")
+    p = check_input_file(path, VideoReadError, "a video")
     if not os.access(p, os.R_OK):
         raise VideoReadError(p, "permission denied")
     cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG)
