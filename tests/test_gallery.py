@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facepipe import gallery as gallery_mod
+from facepipe.gallery import index as gallery_index
 from facepipe.errors import DeviceUnavailableError, GalleryError, ShapeError
 from facepipe.gallery import (
     UNKNOWN, Gallery, calibrate_threshold, check_vectors, dir_fpir_curve,
@@ -165,7 +165,7 @@ def test_empty_gallery(tmp_path: Path) -> None:
 
 
 def test_auto_switches_to_hnsw_when_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gallery_mod, "AUTO_HNSW_FROM", 300)
+    monkeypatch.setattr(gallery_index, "AUTO_HNSW_FROM", 300)
     rng = np.random.default_rng(7)
     x, names, _ = clustered(rng, 100, 5)
     with Gallery.edit(tmp_path, embedder_id=EMB, dim=DIM) as g:

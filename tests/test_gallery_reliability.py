@@ -25,15 +25,16 @@ EMB = "synthetic@0000"
 ENROLLER = textwrap.dedent("""
     import sys, numpy as np, faiss
     import facepipe.gallery as G
+    import facepipe.gallery.storage as S
     directory, tag, batches, per, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    _wa, _wi = G._write_atomic, faiss.write_index
+    _wa, _wi = S._write_atomic, faiss.write_index
     def announce_wa(path, data):
         print("writing", path.name, flush=True)
         _wa(path, data)
     def announce_wi(index, path):
         print("writing", "index", flush=True)
         _wi(index, path)
-    G._write_atomic, faiss.write_index = announce_wa, announce_wi
+    S._write_atomic, faiss.write_index = announce_wa, announce_wi
     rng = np.random.default_rng(abs(hash(tag)) % 2**32)
     for b in range(batches):
         x = rng.normal(size=(per, dim)).astype("float32")

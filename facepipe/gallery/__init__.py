@@ -1,0 +1,31 @@
+"""The face gallery: a FAISS index of enrolled unit vectors, their labels, and the open-set rule.
+
+One module per concern:
+
+- :mod:`facepipe.gallery.storage`: the directory layout, ``flock`` locking and atomic
+  generations (a crash at any point leaves the previous complete generation);
+- :mod:`facepipe.gallery.index`: building and searching FAISS indexes (flat, IVF, HNSW,
+  GPU copies);
+- :mod:`facepipe.gallery.decision`: the open-set decision and threshold calibration;
+- :mod:`facepipe.gallery.names`: the person-name rule;
+- :mod:`facepipe.gallery.core`: :class:`Gallery`, which ties them together.
+
+Everything public is re-exported here: ``from facepipe.gallery import Gallery``.
+"""
+
+from __future__ import annotations
+
+from facepipe.gallery.core import Gallery
+from facepipe.gallery.decision import (
+    AGGREGATIONS, DEFAULT_THRESHOLD, Calibration, Decision, calibrate_threshold, dir_fpir_curve,
+)
+from facepipe.gallery.index import AUTO_HNSW_FROM, DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors
+from facepipe.gallery.names import RESERVED_NAMES, UNKNOWN, check_name
+from facepipe.gallery.storage import FORMAT, LABELS_FORMAT, LOCK_FILE, MANIFEST, sha256_file
+
+__all__ = [
+    "AGGREGATIONS", "AUTO_HNSW_FROM", "DEFAULT_PARAMS", "DEFAULT_THRESHOLD", "FORMAT", "INDEX_TYPES",
+    "LABELS_FORMAT", "LOCK_FILE", "MANIFEST", "RESERVED_NAMES", "UNKNOWN",
+    "Calibration", "Decision", "Gallery",
+    "build_index", "calibrate_threshold", "check_name", "check_vectors", "dir_fpir_curve", "sha256_file",
+]
