@@ -13,16 +13,16 @@ from typing import Any
 
 import click
 
-from facepipe import __version__
+from facepipe import __version__, defaults
 
 #: command name -> (module, attribute, one-line help shown by ``facepipe --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "detect": ("facepipe.commands.detect", "detect", "Find faces in images (Haar cascade or CNN)."),
+    "detect": ("facepipe.commands.detect", "detect", "Find faces in images (MTCNN, Haar cascade, CNN or Haar+CNN)."),
     "train": ("facepipe.commands.train", "train", "Train the face classifier or the embedder."),
     "enroll": ("facepipe.commands.enroll", "enroll", "Enrol people's photos into a face gallery."),
     "identify": ("facepipe.commands.identify", "identify", "Name the faces in images, or call them unknown."),
     "gallery": ("facepipe.commands.gallery", "gallery", "List, inspect, remove from and calibrate a gallery."),
-    "explain": ("facepipe.commands.explain", "explain", "Grad-CAM heat maps of the CNN's face evidence per detection."),
+    "explain": ("facepipe.commands.explain", "explain", "Show why: detector Grad-CAM, and with -g the gallery match."),
     "video": ("facepipe.commands.video", "video", "Detect, track and identify faces in video files."),
     "embed": ("facepipe.commands.embed", "embed", "Write face embeddings (NumPy) with a JSON sidecar."),
 }
@@ -48,7 +48,8 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=defaults.help_epilog())
 @click.version_option(__version__, prog_name="facepipe")
 def cli() -> None:
     """facepipe: face detection, alignment, embedding and open-set recognition.

@@ -104,13 +104,17 @@ class Detection:
         return np.asarray(self.landmarks, dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary: x, y, w, h, score, detector[, landmarks]."""
+        """JSON-ready dictionary: x, y, w, h, det_score, detector[, landmarks].
+
+        The detector's confidence is ``det_score`` (never plain ``score``), so it cannot be
+        confused with an identity's similarity or distance in the same record.
+        """
         d: dict[str, Any] = {
             "x": round(self.box.x, 2),
             "y": round(self.box.y, 2),
             "w": round(self.box.w, 2),
             "h": round(self.box.h, 2),
-            "score": round(float(self.score), 5),
+            "det_score": round(float(self.score), 5),
             "detector": self.detector,
         }
         if self.landmarks is not None:

@@ -61,7 +61,7 @@ def test_haar_still_available(astronaut_path: Path) -> None:
 
 def test_csv_header_option(astronaut_path: Path) -> None:
     r = run("detect", "--header", str(astronaut_path))
-    assert r.stdout.splitlines()[0] == "path,top,right,bottom,left,score"
+    assert r.stdout.splitlines()[0] == "path,top,right,bottom,left,det_score"
 
 
 def test_json_and_jsonl(astronaut_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_json_and_jsonl(astronaut_path: Path) -> None:
     doc = json.loads(r.stdout)
     assert doc[0]["width"] == 512 and doc[0]["height"] == 512
     face = doc[0]["faces"][0]
-    assert set(face) >= {"x", "y", "w", "h", "score", "detector"}
+    assert set(face) >= {"x", "y", "w", "h", "det_score", "detector"}
     assert Box(face["x"], face["y"], face["w"], face["h"]).iou(ASTRONAUT_FACE) > 0.5
     r2 = run("detect", "--format", "jsonl", str(astronaut_path), str(astronaut_path.parent))
     lines = [json.loads(x) for x in r2.stdout.splitlines()]

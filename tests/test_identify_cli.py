@@ -43,11 +43,12 @@ def _one_model_load() -> object:
     original = enroll_mod.build_pipeline
     cache: dict[tuple, object] = {}
 
-    def cached(detector_name: str, embedder_name: str, device: str, min_face: int,
-               largest_only: bool = False) -> object:
-        key = (detector_name, embedder_name, device, min_face)
+    def cached(detector_name: str | None, embedder_name: str | None, device: str | None, min_face: int | None,
+               largest_only: bool = False, min_detect_size: int | None = None) -> object:
+        key = (detector_name, embedder_name, device, min_face, min_detect_size)
         if key not in cache:
-            cache[key] = original(detector_name, embedder_name, device, min_face)
+            cache[key] = original(detector_name, embedder_name, device, min_face,
+                                  min_detect_size=min_detect_size)
         pipe = cache[key]
         pipe.largest_only = largest_only
         return pipe
@@ -105,13 +106,14 @@ def test_enroll_is_incremental(gallery_dir: Path, photos: dict[str, Path]) -> No
 
 
 def test_identify_csv_like_face_recognition(gallery_dir: Path, photos: dict[str, Path]) -> None:
-    r = run("identify", "-g", gallery_dir, *MODEL, "--show-score", photos["p2"], photos["blank"])
+    r = run("identify", "-g", gallery_dir, *MODEL, "--show-similarity", photos["p2"], photos["blank"])
     assert r.exit_code == 0, r.stderr
     rows = list(csv.reader(io.StringIO(r.stdout)))
     assert rows[0][:2] == [str(photos["p2"]), "eileen"] and float(rows[0][2]) > 0.5
     assert rows[-1] == [str(photos["blank"]), "no_persons_found", "None"]
-    # above every possible score: the same face is rejected as face_recognition's unknown_person
-    r = run("identify", "-g", gallery_dir, *MODEL, "--threshold", "1.01", "--show-distance", photos["p2"])
+    # a zero tolerance accepts only identical vectors: the same face in another photo is
+    # rejected as face_recognition's unknown_person
+    r = run("identify", "-g", gallery_dir, *MODEL, "--tolerance", "0", "--show-distance", photos["p2"])
     path, name, dist = next(csv.reader(io.StringIO(r.stdout)))
     assert name == "unknown_person" and 0 <= float(dist) < 0.5
     r = run("identify", "-g", gallery_dir, *MODEL, "--header", photos["p2"])
@@ -127,7 +129,7 @@ def test_identify_json_and_bad_inputs(gallery_dir: Path, photos: dict[str, Path]
     doc = json.loads(r.stdout)
     face = doc[0]["faces"][0]
     assert face["name"] == "eileen" and face["candidates"][0]["name"] == "eileen"
-    assert {"x", "y", "w", "h", "score", "landmarks"} <= set(face)
+    assert {"x", "y", "w", "h", "det_score", "landmarks"} <= set(face)
     assert doc[1]["path"] == str(broken) and "error" in doc[1]
     assert "missing.jpg: no such file" in r.stderr and str(broken) in r.stderr
     r = run("identify", "-g", gallery_dir, *MODEL, "--format", "jsonl", photos["blank"])

@@ -8,10 +8,13 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import click
+from click.core import ParameterSource
 
+from facepipe import defaults
 from facepipe.errors import FacepipeError
 
 if TYPE_CHECKING:
@@ -105,6 +108,17 @@ def expand_inputs(paths: Iterable[str], tally: BatchTally) -> list["InputFile"]:
     return files
 
 
+def annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
+    """Output path mirroring the input's relative path; never overwrite a sibling's output."""
+    target = out_dir / relative
+    stem, suffix, n = target.stem, target.suffix or ".png", 1
+    while target in used:
+        target = target.with_name(f"{stem}_{n}{suffix}")
+        n += 1
+    used.add(target)
+    return target
+
+
 class RecordWriter:
     """Writes result records to stdout as CSV rows, one JSON document, or JSON lines."""
 
@@ -140,3 +154,154 @@ class RecordWriter:
             json.dump(self._json, self.stream, indent=2)
             self.stream.write("\n")
             self.stream.flush()
+
+
+# --------------------------------------------------------------------------- shared options
+# One vocabulary for every command: the same option has the same name, meaning and
+# default (from facepipe.defaults) wherever it appears.
+
+#: registered detector names, listed in help texts without importing the detectors
+DETECTOR_NAMES = ("mtcnn", "haar", "cnn", "haar+cnn")
+_UNSET_SOURCES = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+class FiniteFloat(click.ParamType):
+    """A float in ``[min, max]`` that is not NaN or infinite (click's FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None,
+                 min_open: bool = False, max_open: bool = False) -> None:
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def _range(self) -> str:
+        lo = "" if self.min is None else f"{self.min:g}{'<' if self.min_open else '<='}"
+        hi = "" if self.max is None else f"{'<' if self.max_open else '<='}{self.max:g}"
+        return f"{lo}x{hi}"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:  # type: ignore[override]
+        return "FLOAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (x < self.min or (self.min_open and x == self.min)):
+            self.fail(f"{x:g} is not in the range {self._range()}", param, ctx)
+        if self.max is not None and (x > self.max or (self.max_open and x == self.max)):
+            self.fail(f"{x:g} is not in the range {self._range()}", param, ctx)
+        return x
+
+    def __repr__(self) -> str:
+        return f"FiniteFloat({self._range()})"
+
+
+def deprecated_alias(old: str, new: str, dest: str, type_: Any) -> Callable[[F], F]:
+    """A hidden option ``old`` that sets ``dest`` like ``new`` does, with a warning on stderr.
+
+    The new option must use :func:`_alias_aware` as its callback, so that its default
+    does not overwrite a value given through the old name.
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is None:
+            return None
+        click.echo(f"facepipe: warning: {old} is deprecated, use {new}", err=True)
+        if ctx.get_parameter_source(dest) in _UNSET_SOURCES:
+            ctx.meta[f"facepipe.alias.{dest}"] = value
+            ctx.params[dest] = value
+        return None
+
+    return click.option(old, f"deprecated_{dest}", type=type_, default=None, hidden=True,
+                        expose_value=False, callback=callback)
+
+
+def _alias_aware(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of an option with a deprecated alias: a value given by the alias wins over the default."""
+    key = f"facepipe.alias.{param.name}"
+    if key in ctx.meta and ctx.get_parameter_source(param.name or "") in _UNSET_SOURCES:
+        return ctx.meta[key]
+    return value
+
+
+def _detector_help(extra: str = "") -> str:
+    return (f"Face detector: {', '.join(DETECTOR_NAMES)} [default: {defaults.DETECTOR}]. "
+            "mtcnn: MTCNN (5 landmarks); haar: Viola–Jones cascade; cnn: facepipe's transfer-learned "
+            "MobileNetV2 classifier over an image pyramid; haar+cnn: Haar proposals verified by the CNN."
+            + (" " + extra if extra else ""))
+
+
+def detector_option(fn: F) -> F:
+    """``--detector NAME`` (default :data:`facepipe.defaults.DETECTOR`)."""
+    return click.option("--detector", "detector_name", default=None, metavar="NAME",
+                        help=_detector_help())(fn)
+
+
+def device_option(fn: F) -> F:
+    """``--device`` for the CNN stages."""
+    return click.option("--device", default=None, metavar="DEVICE",
+                        help=f"auto, cpu, cuda or cuda:N for the CNN stages [default: {defaults.DEVICE}].")(fn)
+
+
+def min_detect_size_option(fn: F) -> F:
+    """``--min-detect-size PX``: the detection minimum (deprecated alias ``--min-size``)."""
+    fn = deprecated_alias("--min-size", "--min-detect-size", "min_detect_size", click.IntRange(min=1))(fn)
+    return click.option("--min-detect-size", "min_detect_size", type=click.IntRange(min=1), default=None,
+                        metavar="PX", callback=_alias_aware,
+                        help="Detection minimum: the smallest face side, in pixels, the detector looks for "
+                             "[default: the detector's own: mtcnn 20, haar and cnn 24].")(fn)
+
+
+def min_embed_size_option(fn: F) -> F:
+    """``--min-embed-size PX``: the embedding minimum (deprecated alias ``--min-face``)."""
+    fn = deprecated_alias("--min-face", "--min-embed-size", "min_embed_size", click.IntRange(min=1))(fn)
+    return click.option("--min-embed-size", "min_embed_size", type=click.IntRange(min=1),
+                        default=defaults.MIN_EMBED_SIZE, show_default=True, metavar="PX", callback=_alias_aware,
+                        help="Embedding minimum: detected faces whose shorter side is below this are "
+                             "reported and not embedded or identified.")(fn)
+
+
+def embedder_option(gallery_aware: bool) -> Callable[[F], F]:
+    """``--embedder NAME|PATH``; with ``gallery_aware`` the default is the gallery's own embedder."""
+    if gallery_aware:
+        default_text = (f"the embedder the gallery was built with (its manifest); "
+                        f"{defaults.EMBEDDER} without a gallery")
+    else:
+        default_text = defaults.EMBEDDER
+
+    def deco(fn: F) -> F:
+        return click.option("--embedder", "embedder_name", default=None, metavar="NAME|PATH",
+                            help=f"Embedder: a registered name (default, untrained, dlib) or a checkpoint "
+                                 f"path [default: {default_text}].")(fn)
+
+    return deco
+
+
+def model_options(gallery_aware: bool = False) -> Callable[[F], F]:
+    """``--detector``, ``--embedder``, ``--device``, ``--min-detect-size``, ``--min-embed-size``."""
+
+    def deco(fn: F) -> F:
+        fn = min_embed_size_option(fn)
+        fn = min_detect_size_option(fn)
+        fn = device_option(fn)
+        fn = embedder_option(gallery_aware)(fn)
+        return detector_option(fn)
+
+    return deco
+
+
+def format_option(help_text: str) -> Callable[[F], F]:
+    """``--format csv|json|jsonl`` (default :data:`facepipe.defaults.FORMAT`)."""
+    return click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl"]), default=defaults.FORMAT,
+                        show_default=True, help=help_text)
+
+
+def gallery_option(required: bool = True, help_text: str = "Gallery directory.") -> Callable[[F], F]:
+    """``-g/--gallery DIR`` for every command that reads a gallery."""
+    return click.option("-g", "--gallery", "gallery_dir", required=required, metavar="DIR",
+                        type=click.Path(file_okay=False, path_type=Path), help=help_text)

@@ -5,88 +5,46 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
-
 import click
 
+from facepipe.builders import HAAR_BASED, build_detector
 from facepipe.commands._common import (
-    BatchTally, RecordWriter, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, RecordWriter, annotated_path, detector_option, device_option, expand_inputs, fail, format_option,
+    min_detect_size_option, progress, report, setup_logging, verbosity_options,
 )
 from facepipe.errors import FacepipeError
 
-CSV_HEADER = ["path", "top", "right", "bottom", "left", "score"]
-
-
-def build_detector(
-    name: str,
-    cascade: str = "default",
-    min_size: int | None = None,
-    scale_factor: float | None = None,
-    min_neighbors: int | None = None,
-    device: str = "auto",
-) -> Any:
-    """Create the detector a command asked for, passing each detector only its options."""
-    from facepipe.detect import create_detector
-    from facepipe.device import validate_device_spec
-
-    validate_device_spec(device)
-    haar_based = name in ("haar", "haar+cnn")
-    options: dict[str, Any] = {
-        "cascade": cascade if haar_based else None,
-        "device": device if name != "haar" else None,
-        "min_size": min_size,
-        # the CNN's pyramid step is its own option name; MTCNN has a fixed factor
-        ("scale_step" if name == "cnn" else "scale_factor"): scale_factor if name != "mtcnn" else None,
-        "min_neighbors": min_neighbors if haar_based else None,
-    }
-    kwargs = {k: v for k, v in options.items() if v is not None}
-    return create_detector(name, **kwargs)
-
-
-def _annotated_path(out_dir: Path, relative: Path, used: set[Path]) -> Path:
-    """Output path mirroring the input's relative path; never overwrite a sibling's output."""
-    target = out_dir / relative
-    stem, suffix, n = target.stem, target.suffix or ".png", 1
-    while target in used:
-        target = target.with_name(f"{stem}_{n}{suffix}")
-        n += 1
-    used.add(target)
-    return target
+CSV_HEADER = ["path", "top", "right", "bottom", "left", "det_score"]
 
 
 @click.command("detect")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--detector", "detector_name", default="mtcnn", show_default=True,
-              help="Detector: mtcnn (default: most accurate at Haar's speed, see docs/detection.md), "
-              "haar (Viola–Jones cascade), cnn (transfer-learned MobileNetV2), "
-              "haar+cnn (Haar proposals verified by the CNN).")
+@detector_option
 @click.option("--cascade", default=None,
               help="Haar cascade (haar, haar+cnn): default, alt, alt2, alt_tree, profile, or a cascade XML path.")
-@click.option("--min-size", type=click.IntRange(min=1), default=None,
-              help="Smallest face side to find, in pixels [mtcnn: 20, haar and cnn: 24].")
+@min_detect_size_option
 @click.option("--scale-factor", type=click.FloatRange(min=1.0, min_open=True), default=None,
               help="Pyramid scale step (haar) [1.1].")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=None,
               help="Overlapping raw hits a Haar face needs [3].")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl"]), default="csv",
-              show_default=True, help="csv: path,top,right,bottom,left,score (face_recognition order); "
-              "json/jsonl: x, y, w, h, score per face.")
+@format_option("csv: path,top,right,bottom,left,det_score (face_recognition's order plus the detection "
+               "score); json/jsonl: x, y, w, h, det_score, detector per face.")
 @click.option("--header/--no-header", default=False, show_default=True, help="CSV header row.")
 @click.option("--annotate", "annotate_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Write copies of the images with boxes drawn into this directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CNN detectors).")
+@device_option
 @verbosity_options
 def detect(
     paths: tuple[str, ...],
-    detector_name: str,
+    detector_name: str | None,
     cascade: str | None,
-    min_size: int | None,
+    min_detect_size: int | None,
     scale_factor: float | None,
     min_neighbors: int | None,
     fmt: str,
     header: bool,
     annotate_dir: Path | None,
-    device: str,
+    device: str | None,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -99,16 +57,17 @@ def detect(
     from facepipe.draw import draw_detections
     from facepipe.io import ensure_output_dir, load_image, save_image
 
+    from facepipe import defaults
+
     setup_logging(quiet, verbose)
-    haar_based = detector_name in ("haar", "haar+cnn")
+    detector_name = detector_name or defaults.DETECTOR
     for flag, value in (("--cascade", cascade), ("--min-neighbors", min_neighbors)):
-        if value is not None and not haar_based:
-            raise fail(f"{flag} applies to --detector haar or haar+cnn, not {detector_name}")
-    cascade = cascade or "default"
+        if value is not None and detector_name not in HAAR_BASED:
+            raise click.UsageError(f"{flag} applies to --detector haar or haar+cnn, not {detector_name}")
     try:
         if annotate_dir is not None:
             annotate_dir = ensure_output_dir(annotate_dir)
-        detector = build_detector(detector_name, cascade, min_size, scale_factor, min_neighbors, device)
+        detector = build_detector(detector_name, cascade, min_detect_size, scale_factor, min_neighbors, device)
     except FacepipeError as exc:
         raise fail(exc) from exc
     except ValueError as exc:
@@ -125,7 +84,7 @@ def detect(
             image = load_image(item.path)
             faces = detector.detect(image)
             if annotate_dir is not None:
-                save_image(_annotated_path(annotate_dir, item.relative, used),
+                save_image(annotated_path(annotate_dir, item.relative, used),
                            draw_detections(image, faces))
         except FacepipeError as exc:
             tally.fail(str(exc))

@@ -11,10 +11,10 @@ from typing import Any
 import click
 import numpy as np
 
+from facepipe.builders import build_pipeline
 from facepipe.commands._common import (
-    BatchTally, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, expand_inputs, fail, model_options, progress, report, setup_logging, verbosity_options,
 )
-from facepipe.commands.enroll import build_pipeline, model_options
 from facepipe.errors import FacepipeError, OutputError
 
 
@@ -38,22 +38,22 @@ def _write_atomic(path: Path, write: Any) -> None:
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Vectors file (.npy added if missing); the sidecar is the same name with .json.")
-@model_options
+@model_options()
 @click.option("--largest-only/--all-faces", default=False, show_default=True,
               help="Embed only the largest face of each image, or every face.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--batch-images", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images whose faces are embedded in one batch.")
 @verbosity_options
-def embed(paths: tuple[str, ...], out: Path, detector_name: str, embedder_name: str, device: str,
-          min_face: int, largest_only: bool, overwrite: bool, batch_images: int,
+def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder_name: str | None,
+          device: str | None, min_detect_size: int | None, min_embed_size: int, largest_only: bool, overwrite: bool, batch_images: int,
           quiet: bool, verbose: int) -> None:
     """Write one embedding per detected face to a NumPy file plus a JSON sidecar.
 
     PATH is an image, a directory (searched recursively) or a glob. Row k of the
     .npy (float32, unit rows) is described by faces[k] in the sidecar: source file,
     face box, landmarks, alignment, plus the embedder id. Images with no face and
-    faces below --min-face are reported on stderr and listed in the sidecar, not
+    faces below --min-embed-size are reported on stderr and listed in the sidecar, not
     embedded; unreadable files are reported and skipped (exit code 1).
     """
     from facepipe.io import load_image
@@ -66,7 +66,8 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str, embedder_name: 
                 raise OutputError(p, "exists (use --overwrite to replace it)")
         if not npy.parent.is_dir():
             npy.parent.mkdir(parents=True, exist_ok=True)
-        pipe = build_pipeline(detector_name, embedder_name, device, min_face, largest_only=largest_only)
+        pipe = build_pipeline(detector_name, embedder_name, device, min_embed_size, largest_only=largest_only,
+                              min_detect_size=min_detect_size)
     except FacepipeError as exc:
         raise fail(exc) from exc
     except (ValueError, OSError) as exc:
@@ -127,7 +128,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str, embedder_name: 
         "embedder": emb.embedder_id,
         "embedder_info": emb.describe() if hasattr(emb, "describe") else {},
         "detector": pipe.detector.describe() if hasattr(pipe.detector, "describe") else {},
-        "min_face": pipe.min_face,
+        "min_embed_size": pipe.min_face,
         "largest_only": pipe.largest_only,
         "faces": faces,
         "skipped_faces": skipped,

@@ -11,51 +11,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Iterable
 
 import click
 import numpy as np
 
+from facepipe import defaults
+from facepipe.builders import build_pipeline, gallery_embedder
 from facepipe.commands._common import (
-    BatchTally, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, FiniteFloat, fail, gallery_option, model_options, progress, report, setup_logging, verbosity_options,
 )
 from facepipe.errors import FacepipeError, ImageReadError, NoInputsError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def model_options(fn: F) -> F:
-    """``--detector``, ``--embedder``, ``--device``, ``--min-face`` for the recognition commands."""
-    fn = click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
-                      help="Smallest face side (pixels) that is embedded.")(fn)
-    fn = click.option("--device", default="auto", show_default=True,
-                      help="auto, cpu, cuda or cuda:N for the detector and embedder.")(fn)
-    fn = click.option("--embedder", "embedder_name", default="default", show_default=True,
-                      help="Embedder name (default, untrained, dlib) or checkpoint path; must be the "
-                           "gallery's.")(fn)
-    fn = click.option("--detector", "detector_name", default="mtcnn", show_default=True,
-                      help="Face detector: mtcnn, cnn, haar+cnn or haar (landmarks via MTCNN).")(fn)
-    return fn
-
-
-def build_pipeline(detector_name: str, embedder_name: str, device: str, min_face: int,
-                   largest_only: bool = False) -> Any:
-    """The detector → alignment → embedder pipeline a command asked for."""
-    from facepipe.detect import create_detector
-    from facepipe.device import validate_device_spec
-    from facepipe.embed import load_embedder
-    from facepipe.pipeline import FacePipeline
-
-    validate_device_spec(device)
-    kwargs: dict[str, Any] = {}
-    if detector_name in ("mtcnn", "cnn", "haar+cnn"):
-        kwargs["device"] = device
-    try:
-        detector = create_detector(detector_name, **kwargs)
-    except TypeError:
-        detector = create_detector(detector_name)
-    embedder = load_embedder(embedder_name, device=device)
-    return FacePipeline(detector, embedder, min_face=min_face, largest_only=largest_only, device=device)
 
 
 def embedder_record(embedder: Any) -> tuple[str, str | None, dict[str, Any]]:
@@ -131,11 +97,17 @@ def _chunks(items: list[EnrolItem], n: int) -> Iterable[list[EnrolItem]]:
         yield items[i:i + n]
 
 
-@click.command("enroll")
+class _EnrollCommand(click.Command):
+    """``enroll`` takes either NAME IMAGE... or --from-folders ROOT; the usage line says so."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [self.options_metavar or "[OPTIONS]", "(NAME IMAGE... | --from-folders ROOT)"]
+
+
+@click.command("enroll", cls=_EnrollCommand)
 @click.argument("name", required=False)
-@click.argument("images", nargs=-1, metavar="[NAME IMAGE...]")
-@click.option("-g", "--gallery", "gallery_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Gallery directory (created on first enrolment).")
+@click.argument("images", nargs=-1, metavar="IMAGE...")
+@gallery_option(help_text="Gallery directory (created on first enrolment).")
 @click.option("--from-folders", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Enrol ROOT/<person>/<images> (person = folder name).")
 @click.option("--replace", is_flag=True, help="Remove the named people's existing vectors first.")
@@ -146,16 +118,17 @@ def _chunks(items: list[EnrolItem], n: int) -> Iterable[list[EnrolItem]]:
                    "nlist=1024, nprobe=64 (ivf). Repeatable.")
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="New gallery: a person's score is the max, or the mean of the top 3, of their vectors' scores.")
-@click.option("--threshold", type=float, default=None,
-              help="New gallery: acceptance threshold until calibrated [0.5].")
+@click.option("--threshold", type=FiniteFloat(-1.0, 1.0), default=None,
+              help=f"New gallery: acceptance threshold (cosine similarity, = 1 − tolerance) until calibrated "
+                   f"[{defaults.THRESHOLD}].")
 @click.option("--commit-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Commit a new gallery generation after this many embedded photos.")
-@model_options
+@model_options(gallery_aware=True)
 @verbosity_options
 def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: Path | None, replace: bool,
            index_type: str, index_params: tuple[str, ...], aggregation: str, threshold: float | None, commit_every: int,
-           detector_name: str, embedder_name: str, device: str, min_face: int,
-           quiet: bool, verbose: int) -> None:
+           detector_name: str | None, embedder_name: str | None, device: str | None, min_detect_size: int | None,
+           min_embed_size: int, quiet: bool, verbose: int) -> None:
     """Enrol people into a gallery: NAME IMAGE... or --from-folders ROOT.
 
     Each photo contributes the embedding of its largest face; several photos per
@@ -165,7 +138,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     leaves the previous gallery intact, and concurrent enrolments are serialised.
     Unreadable photos or photos without a face are reported and skipped (exit 1).
     """
-    from facepipe.gallery import DEFAULT_THRESHOLD, Gallery, check_name, sha256_file
+    from facepipe.gallery import Gallery, check_name, sha256_file
     from facepipe.io import iter_inputs
 
     setup_logging(quiet, verbose)
@@ -210,7 +183,10 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
                quiet)
         raise SystemExit(tally.exit_code)
     try:
-        pipe = build_pipeline(detector_name, embedder_name, device, min_face, largest_only=True)
+        if embedder_name is None and existing is not None:
+            embedder_name = gallery_embedder(existing)
+        pipe = build_pipeline(detector_name, embedder_name, device, min_embed_size, largest_only=True,
+                              min_detect_size=min_detect_size)
         emb_id, emb_sha, emb_desc = embedder_record(pipe.embedder)
         if existing is not None:
             existing.check_embedder(emb_id)
@@ -223,7 +199,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     new_people: set[str] = set()
     create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type, params=params,
                      aggregation=aggregation,
-                     threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+                     threshold=defaults.THRESHOLD if threshold is None else threshold)
     bar = progress(todo, total=len(todo), desc="enroll", quiet=quiet, unit="img")
     pending: list[tuple[EnrolItem, np.ndarray]] = []
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
+from facepipe import defaults
 from facepipe.commands._common import (
-    BatchTally, expand_inputs, fail, progress, report, setup_logging, verbosity_options,
+    BatchTally, detector_option, device_option, expand_inputs, fail, min_detect_size_option, progress, report,
+    setup_logging, verbosity_options,
 )
 from facepipe.errors import FacepipeError
 
@@ -17,14 +19,14 @@ from facepipe.errors import FacepipeError
 @click.argument("paths", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for <name>_gradcam.png (whole image) and <name>_faces.png (per face).")
-@click.option("--detector", "detector_name", type=click.Choice(["cnn", "haar+cnn", "haar", "mtcnn"]),
-              default="cnn", show_default=True, help="Detector whose detections are explained.")
-@click.option("--weights", default="finetune", show_default=True,
-              help="Classifier weights: finetune, transfer or a checkpoint path.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@detector_option
+@min_detect_size_option
+@click.option("--weights", default=defaults.EXPLAIN_WEIGHTS, show_default=True,
+              help="Face-classifier weights whose evidence is shown: finetune, transfer or a checkpoint path.")
+@device_option
 @verbosity_options
-def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str, weights: str, device: str,
-            quiet: bool, verbose: int) -> None:
+def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str | None, min_detect_size: int | None,
+            weights: str, device: str | None, quiet: bool, verbose: int) -> None:
     """Explain the CNN classifier's decisions with Grad-CAM.
 
     For every face found in IMAGE (a file, directory or glob) writes the image with
@@ -32,19 +34,17 @@ def explain(paths: tuple[str, ...], out_dir: Path, detector_name: str, weights: 
     face crops with their heat maps. Prints one CSV line per face:
     path,face,top,right,bottom,left,score,logit,output.
     """
-    from facepipe.detect import create_detector
+    from facepipe.builders import build_detector
     from facepipe.explain import explain_detections, face_panels, overlay
     from facepipe.io import ensure_output_dir, load_image, save_image
 
     setup_logging(quiet, verbose)
+    detector_name = detector_name or defaults.DETECTOR
+    device = device or defaults.DEVICE
     try:
         out = ensure_output_dir(out_dir)
-        kwargs: dict[str, object] = {}
-        if detector_name in ("cnn", "haar+cnn"):
-            kwargs = {"weights": weights, "device": device}
-        elif detector_name == "mtcnn":
-            kwargs = {"device": device}
-        detector = create_detector(detector_name, **kwargs)
+        detector = build_detector(detector_name, min_size=min_detect_size, device=device,
+                                  weights=weights if detector_name in ("cnn", "haar+cnn") else None)
         from facepipe.detect.cnn import load_checkpoint
 
         load_checkpoint(weights)  # fail early on a bad checkpoint

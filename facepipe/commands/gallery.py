@@ -14,13 +14,14 @@ import numpy as np
 from facepipe.commands._common import (
     RecordWriter, fail, progress, report, report_error, setup_logging, verbosity_options,
 )
-from facepipe.commands.enroll import build_pipeline, embed_one_face, model_options
+from facepipe.builders import build_pipeline, gallery_embedder
+from facepipe.commands._common import gallery_option, model_options
+from facepipe.commands.enroll import embed_one_face
 from facepipe.errors import FacepipeError
 
 log = logging.getLogger(__name__)
 
-_gallery_option = click.option("-g", "--gallery", "gallery_dir", required=True,
-                               type=click.Path(file_okay=False, path_type=Path), help="Gallery directory.")
+_gallery_option = gallery_option()
 
 
 @click.group("gallery")
@@ -115,12 +116,12 @@ def _probe_items(root: Path, max_per_person: int | None) -> dict[str, list[Path]
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default=None,
               help="Switch the gallery's per-person aggregation before calibrating.")
 @click.option("--dry-run", is_flag=True, help="Report the threshold without storing it.")
-@model_options
+@model_options(gallery_aware=True)
 @verbosity_options
 def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, impostor_root: Path,
               max_per_person: int | None, aggregation: str | None, dry_run: bool,
-              detector_name: str, embedder_name: str, device: str, min_face: int,
-              quiet: bool, verbose: int) -> None:
+              detector_name: str | None, embedder_name: str | None, device: str | None,
+              min_detect_size: int | None, min_embed_size: int, quiet: bool, verbose: int) -> None:
     """Choose the acceptance threshold at a target FPIR and store it in the manifest.
 
     The threshold is the lowest score at which at most FPIR of the impostor probes
@@ -137,7 +138,8 @@ def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, imposto
             raise fail(f"{gallery_dir}: gallery is empty; enrol people before calibrating")
         if aggregation is not None:
             g.manifest["decision"]["aggregation"] = aggregation
-        pipe = build_pipeline(detector_name, embedder_name, device, min_face, largest_only=True)
+        pipe = build_pipeline(detector_name, embedder_name or gallery_embedder(g), device, min_embed_size,
+                              largest_only=True, min_detect_size=min_detect_size)
         g.check_embedder(pipe.embedder.embedder_id)
         enrolled = g.people()
         imp_people = _probe_items(impostor_root, max_per_person)

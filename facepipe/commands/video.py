@@ -10,7 +10,11 @@ from typing import Any
 
 import click
 
-from facepipe.commands._common import BatchTally, fail, report, setup_logging, verbosity_options
+from facepipe import defaults
+from facepipe.commands._common import (
+    BatchTally, FiniteFloat, detector_option, device_option, embedder_option, fail, gallery_option,
+    min_detect_size_option, min_embed_size_option, report, setup_logging, verbosity_options,
+)
 from facepipe.errors import FacepipeError, NoInputsError
 
 
@@ -65,20 +69,14 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (input folders are mirrored inside it).")
-@click.option("--gallery", "gallery_dir", type=click.Path(path_type=Path), default=None,
-              help="Identify faces against this gallery directory (else detection and tracking only).")
-@click.option("--detector", "detector_name", default="haar", show_default=True,
-              help="Face detector: haar, cnn, haar+cnn, mtcnn.")
-@click.option("--embedder", default=None,
-              help="Embedder name or checkpoint [default with --gallery: default]. Without a gallery, "
-              "embeddings only help the tracker.")
-@click.option("--min-size", type=click.IntRange(min=1), default=None,
-              help="Smallest face side to find, in pixels [detector's default].")
-@click.option("--det-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+@gallery_option(required=False, help_text="Identify faces against this gallery directory "
+                                           "(else detection and tracking only).")
+@detector_option
+@embedder_option(gallery_aware=True)
+@min_detect_size_option
+@click.option("--det-threshold", type=FiniteFloat(0.0, 1.0), default=None,
               help="Face probability a CNN detection needs (cnn, haar+cnn) [detector's default].")
-@click.option("--min-face", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Smallest face side (pixels) that is embedded and identified; smaller faces "
-              "are tracked without a name.")
+@min_embed_size_option
 @click.option("--landmarks", type=click.Choice(["onet", "mtcnn", "box"]), default="onet", show_default=True,
               help="Landmarks for detectors without them: onet (MTCNN's last stage on each box, batched), "
               "mtcnn (full MTCNN per face region, as identify does; slower), box (no alignment).")
@@ -89,7 +87,7 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.option("--embed-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Embed a face that clearly continues an identified track only every Nth analysed "
               "frame (new or ambiguous faces: every frame). Saves most embedding work on long tracks.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (CNN stages).")
+@device_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="CPU threads for PyTorch and OpenCV (0: their defaults). On a machine busy with "
               "other work, 1 is often fastest.")
@@ -106,16 +104,16 @@ def video(
     inputs: tuple[str, ...],
     out_dir: Path,
     gallery_dir: Path | None,
-    detector_name: str,
-    embedder: str | None,
-    min_size: int | None,
+    detector_name: str | None,
+    embedder_name: str | None,
+    min_detect_size: int | None,
     det_threshold: float | None,
-    min_face: int,
+    min_embed_size: int,
     landmarks: str,
     stride: int,
     batch_size: int,
     embed_every: int,
-    device: str,
+    device: str | None,
     threads: int,
     annotate: bool,
     resume: bool,
@@ -145,16 +143,24 @@ def video(
 
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
+    detector_name = detector_name or defaults.DETECTOR
+    device = device or defaults.DEVICE
     options: dict[str, Any] = {}
-    if min_size is not None:
-        options["min_size"] = min_size
+    if min_detect_size is not None:
+        options["min_size"] = min_detect_size
     if det_threshold is not None:
         if detector_name not in ("cnn", "haar+cnn"):
-            raise fail(f"--det-threshold applies to the cnn and haar+cnn detectors, not {detector_name!r}")
+            raise click.UsageError(f"--det-threshold applies to the cnn and haar+cnn detectors, "
+                                   f"not {detector_name!r}")
         options["threshold"] = det_threshold
     try:
         out_dir = ensure_output_dir(out_dir)
-        analyzer = build_analyzer(detector_name, embedder, gallery_dir, device, options, min_face,
+        if gallery_dir is not None and embedder_name is None:
+            from facepipe.builders import gallery_embedder
+            from facepipe.gallery import Gallery
+
+            embedder_name = gallery_embedder(Gallery.open(gallery_dir, verify=False))
+        analyzer = build_analyzer(detector_name, embedder_name, gallery_dir, device, options, min_embed_size,
                                   landmarks)
     except FacepipeError as exc:
         raise fail(exc) from exc
