@@ -8,6 +8,8 @@ import click
 
 #: sub-command -> (module, attribute, one-line help)
 TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "cascade": ("facepipe.commands.train_cascade", "cascade",
+                "Train a Viola-Jones Haar cascade (OpenCV cascade XML) for faces or any object."),
     "classifier": ("facepipe.commands.train_classifier", "classifier",
                    "Train the face/non-face CNN classifier (transfer, fine-tune, scratch)."),
     "embedder": ("facepipe.commands.train_embedder", "embedder",

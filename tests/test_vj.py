@@ -1,0 +1,386 @@
+"""Viola–Jones cascade training (facepipe.vj): features, OpenCV agreement, XML, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facepipe.cli import cli
+from facepipe.errors import CheckpointError, InputError, OutputError
+from facepipe.vj.boost import StageSettings, accept_threshold, stage_threshold, train_stage
+from facepipe.vj.features import brute_force_value, feature_values, generate_features, integral_images, window_norm
+from facepipe.vj.model import Cascade
+from facepipe.vj.samples import NegativeImage, NegativeSource
+from facepipe.vj.train import TrainParams, load_state, state_path, train_cascade
+from facepipe.vj.xmlio import cascade_to_xml, read_cascade, write_cascade
+
+STOCK = Path(__file__).resolve().parent.parent / "cascades" / "haarcascade_frontalface_default.xml"
+S = 16  # window of the synthetic problem
+
+
+# ----------------------------------------------------------------------------- synthetic problem
+def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return np.clip(rng.normal(110, 40, (h, w)), 0, 255).astype(np.uint8)
+
+
+def _bright(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return np.clip(rng.normal(165, 25, (h, w)), 0, 255).astype(np.uint8)
+
+
+def synthetic_problem(seed: int = 0) -> tuple[np.ndarray, NegativeSource]:
+    """A bright square filling ~60 % of a 16×16 window on noise; negatives: noise with bright bars."""
+    rng = np.random.default_rng(seed)
+    pos = []
+    for _ in range(500):
+        img = _noise(rng, S, S)
+        o = rng.integers(3, 5, 2)
+        s = int(rng.integers(8, 11))
+        img[o[0]:o[0] + s, o[1]:o[1] + s] = _bright(rng, s, s)
+        pos.append(img)
+    negs = []
+    for _ in range(16):
+        img = _noise(rng, 110, 110)
+        for _ in range(25):
+            y, x = rng.integers(0, 95, 2)
+            h, w = int(rng.integers(2, 5)), int(rng.integers(10, 30))
+            if rng.random() < 0.5:
+                h, w = w, h
+            region = img[y:y + h, x:x + w]
+            region[:] = _bright(rng, *region.shape)
+        negs.append(NegativeImage(img))
+    return np.stack(pos), NegativeSource(negs, S, S)
+
+
+# stops at its false-alarm target (0.5**8) after about 6 stages, in seconds
+PARAMS = TrainParams(width=S, height=S, stages=8, num_pos=300, num_neg=300, features_per_stage=1000,
+                     bins=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[np.ndarray, NegativeSource]:
+    return synthetic_problem()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, problem) -> tuple[Path, object]:  # noqa: ANN001
+    out = tmp_path_factory.mktemp("vj") / "square.xml"
+    pos, neg = problem
+    return out, train_cascade(pos, neg, PARAMS, out)
+
+
+def _square_scene(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Noise with one 36-px bright square; the window that frames it like the positives is ~58 px."""
+    img = _noise(rng, 200, 240)
+    img[60:96, 110:146] = _bright(rng, 36, 36)
+    side = 36 / 0.59
+    return img, (128 - side / 2, 78 - side / 2, side, side)
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)
+
+
+# ----------------------------------------------------------------------------- features
+def test_basic_feature_count_is_viola_jones() -> None:
+    # Viola & Jones: "the exhaustive set of rectangle features is quite large, 160,000" (162,336 at 24x24)
+    assert len(generate_features(24, 24, "basic")) == 162336
+    core = generate_features(12, 10, "core")
+    assert np.all(core.rects[..., 0] + core.rects[..., 2] <= 12)
+    assert np.all(core.rects[..., 1] + core.rects[..., 3] <= 10)
+
+
+@pytest.mark.parametrize("mode", ["basic", "core"])
+def test_feature_values_equal_brute_force_sums(mode: str) -> None:
+    rng = np.random.default_rng(1)
+    feats = generate_features(12, 10, mode)
+    wins = rng.integers(0, 256, (6, 10, 12), dtype=np.uint8)
+    wins[0] = 77  # flat window: nf = 0, OpenCV's vnf = 1
+    ids = rng.choice(len(feats), 300, replace=False)
+    vals = feature_values(feats, wins, ids)
+    for j, f in enumerate(ids):
+        for i in range(len(wins)):
+            assert vals[i, j] == np.float32(brute_force_value(feats, int(f), wins[i]))
+
+
+def test_window_norm_follows_opencv_rule() -> None:
+    rng = np.random.default_rng(2)
+    low = np.clip(rng.normal(100, 4, (3, 24, 24)), 0, 255).astype(np.uint8)  # sigma ~ 4 -> skipped
+    high = rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)
+    ii, sq = integral_images(np.concatenate([low, high]))
+    vnf, valid = window_norm(ii, sq)
+    assert valid.tolist() == [False] * 3 + [True] * 3
+    inner = high[0, 1:23, 1:23].astype(np.float64)
+    assert vnf[3] == np.float32(1.0 / (inner.size * inner.std()))
+
+
+# ----------------------------------------------------------------------------- OpenCV agreement
+def _opencv_single_windows(xml: Path, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's accept decision and final-stage sum for each window, evaluated alone."""
+    import cv2
+
+    cc = cv2.CascadeClassifier(str(xml))
+    assert not cc.empty()
+    n, h, w = wins.shape
+    acc = np.zeros(n, bool)
+    sums = np.full(n, np.nan)
+    for i, win in enumerate(wins):
+        img = np.pad(win, ((0, 1), (0, 1)), mode="edge")  # one spare row/column: exactly one position
+        r, _, wt = cc.detectMultiScale3(img, scaleFactor=1.1, minNeighbors=0, minSize=(w, h), maxSize=(w, h),
+                                        outputRejectLevels=True)
+        if len(r):
+            acc[i] = True
+            sums[i] = float(np.ravel(wt)[0])
+    return acc, sums
+
+
+def _astronaut_windows(astronaut: np.ndarray, size: int, n: int) -> np.ndarray:
+    import cv2
+
+    grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(size, 200))
+        y, x = rng.integers(0, 512 - side, 2)
+        out.append(cv2.resize(grey[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_LINEAR))
+    # the face itself at a few framings
+    for s in (90, 100, 110, 120):
+        out.append(cv2.resize(grey[62 + 55 - s // 2:62 + 55 + s // 2, 224 - s // 2:224 + s // 2], (size, size),
+                              interpolation=cv2.INTER_LINEAR))
+    return np.stack(out)
+
+
+def test_python_evaluation_matches_opencv_on_stock_cascade(astronaut: np.ndarray) -> None:
+    cascade = read_cascade(STOCK)
+    assert (len(cascade.stages), cascade.n_weak) == (25, 2913)
+    wins = _astronaut_windows(astronaut, 24, 300)
+    passed, sums = cascade.evaluate_windows(wins)
+    acc_cv, sums_cv = _opencv_single_windows(STOCK, wins)
+    ours = passed == len(cascade.stages)
+    assert ours.any() and (~ours).any()
+    np.testing.assert_array_equal(ours, acc_cv)
+    np.testing.assert_array_equal(sums[ours], sums_cv[ours])  # bit-identical stage sums
+
+
+def test_scan_matches_evaluate_windows(astronaut: np.ndarray) -> None:
+    import cv2
+
+    cascade = read_cascade(STOCK).truncated(6)
+    grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)[:200, 150:350]
+    pos, passed, sums = cascade.scan(grey, step=3)
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    wins = sliding_window_view(grey, (24, 24))[pos[:, 0], pos[:, 1]]
+    p2, s2 = cascade.evaluate_windows(np.ascontiguousarray(wins))
+    np.testing.assert_array_equal(passed, p2)
+    np.testing.assert_array_equal(sums, s2)
+
+
+# ----------------------------------------------------------------------------- boosting
+def test_stage_threshold_keeps_the_hit_rate_after_float32_rounding() -> None:
+    rng = np.random.default_rng(4)
+    sums = rng.normal(3.0, 2.0, 1001) * 7.123456789
+    thr = stage_threshold(sums, 0.995)
+    assert (sums >= accept_threshold(thr)).mean() >= 0.995
+    assert np.float32(thr) == thr
+
+
+@pytest.mark.parametrize("boost", ["gentle", "real", "discrete"])
+def test_one_stage_meets_its_targets(problem, boost: str) -> None:  # noqa: ANN001
+    pos, neg = problem
+    rng = np.random.default_rng(0)
+    negw = neg.random_windows(400, rng)
+    samples = np.concatenate([pos[:400], negw])
+    y = np.r_[np.ones(400), -np.ones(len(negw))]
+    ii, sq = integral_images(samples)
+    vnf, _ = window_norm(ii, sq)
+    feats = generate_features(S, S)
+    stage, rep = train_stage(ii.reshape(len(samples), -1).astype(np.float64), vnf, y, feats,
+                             rng.choice(len(feats), 1500, replace=False),
+                             StageSettings(0.995, 0.5, 30, boost, 32), rng)
+    assert rep.hit_rate >= 0.995 and rep.false_alarm <= 0.5
+    # the stage's own bookkeeping equals an independent evaluation of the stage
+    cascade = Cascade(S, S, feats, [stage])
+    acc = cascade.accepts(samples)
+    assert acc[:400].mean() == pytest.approx(rep.hit_rate)
+    assert acc[400:].mean() == pytest.approx(rep.false_alarm)
+
+
+# ----------------------------------------------------------------------------- training end to end
+def test_trained_cascade_loads_in_opencv_and_finds_the_square(trained) -> None:  # noqa: ANN001
+    import cv2
+
+    out, result = trained
+    assert len(result.cascade.stages) >= 4
+    assert all(s["hit_rate"] >= 0.995 and s["false_alarm"] <= 0.5 for s in result.stages)
+    cc = cv2.CascadeClassifier(str(out))
+    assert not cc.empty()
+    img, expected = _square_scene(np.random.default_rng(7))
+    rects = cc.detectMultiScale(img, scaleFactor=1.1, minNeighbors=3)
+    assert len(rects) >= 1
+    assert max(_iou(tuple(map(float, r)), expected) for r in rects) > 0.5
+    # and nothing in a scene without squares
+    empty = _noise(np.random.default_rng(8), 200, 240)
+    assert len(cc.detectMultiScale(empty, scaleFactor=1.1, minNeighbors=3)) == 0
+
+
+def test_trained_cascade_agrees_with_opencv_window_by_window(trained, problem) -> None:  # noqa: ANN001
+    out, result = trained
+    pos, neg = problem
+    wins = np.concatenate([pos[:150], neg.random_windows(150, np.random.default_rng(5))])
+    ours = read_cascade(out).accepts(wins)
+    theirs, _ = _opencv_single_windows(out, wins)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours, result.cascade.accepts(wins))
+
+
+def test_negatives_are_bootstrapped(trained, problem) -> None:  # noqa: ANN001
+    _, result = trained
+    pos, neg = problem
+    # every stage after the first was trained on windows the earlier stages accepted: their
+    # acceptance estimate falls stage by stage, and mined windows do pass the cascade so far
+    acc = [s["neg_acceptance_before"] for s in result.stages]
+    assert acc[0] == 1.0 and all(b < a for a, b in zip(acc, acc[1:]))
+    first = result.cascade.truncated(1)
+    wins, rep = neg.mine(first, 100, np.random.default_rng(9))
+    assert len(wins) == 100 and first.accepts(wins).all()
+    assert 0 < rep.acceptance < 1
+
+
+def test_xml_round_trip(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    out, result = trained
+    back = read_cascade(out)
+    ref = result.cascade.compact()
+    assert (back.width, back.height) == (S, S)
+    assert len(back.stages) == len(ref.stages)
+    for a, b in zip(back.stages, ref.stages):
+        assert a.threshold == np.float32(b.threshold)
+        assert [(s.feature, s.threshold, s.left, s.right) for s in a.stumps] == \
+            [(s.feature, s.threshold, s.left, s.right) for s in b.stumps]
+    np.testing.assert_array_equal(back.features.rects, ref.features.rects)
+    np.testing.assert_array_equal(back.features.weights, ref.features.weights)
+    again = write_cascade(back, tmp_path / "again.xml")
+    assert cascade_to_xml(read_cascade(again)) == cascade_to_xml(back)
+
+
+def test_stock_cascade_round_trips_through_our_writer(tmp_path: Path, astronaut: np.ndarray) -> None:
+    stock = read_cascade(STOCK)
+    copy = write_cascade(stock, tmp_path / "stock_copy.xml")
+    wins = _astronaut_windows(astronaut, 24, 60)
+    a, _ = _opencv_single_windows(STOCK, wins)
+    b, _ = _opencv_single_windows(copy, wins)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_reader_rejects_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<opencv_storage><x/></opencv_storage>")
+    with pytest.raises(CheckpointError, match="not an OpenCV cascade"):
+        read_cascade(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_cascade(tmp_path / "missing.xml")
+    tree = Path(STOCK).parent / "haarcascade_frontalface_alt2.xml"
+    with pytest.raises(CheckpointError, match="tree"):
+        read_cascade(tree)
+
+
+def test_resume_continues_from_the_last_finished_stage(trained, problem, tmp_path: Path) -> None:  # noqa: ANN001
+    _, full = trained
+    pos, neg = problem
+    out = tmp_path / "resumed.xml"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(stage: dict) -> None:
+        if stage["stage"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_cascade(pos, neg, PARAMS, out, on_stage=kill_after_two)
+    assert len(read_cascade(out).stages) == 2  # a usable cascade of the finished stages
+    state = load_state(out)
+    assert state is not None and len(state["stages"]) == 2
+    resumed = train_cascade(pos, neg, PARAMS, out, resume=True)
+    assert len(resumed.cascade.stages) == len(full.cascade.stages)
+    for a, b in zip(resumed.cascade.stages, full.cascade.stages):
+        assert a == b  # identical to the uninterrupted run
+    assert len(json.loads(state_path(out).read_text())["stage_stats"]) == len(full.stages)
+
+
+def test_resume_refuses_other_settings_and_overwrites_only_when_asked(trained, problem, tmp_path: Path) -> None:  # noqa: ANN001
+    pos, neg = problem
+    out = tmp_path / "c.xml"
+    train_cascade(pos, neg, replace(PARAMS, stages=1), out)
+    with pytest.raises(InputError, match="parameters differ"):
+        train_cascade(pos, neg, replace(PARAMS, stages=2, min_hit_rate=0.99), out, resume=True)
+    with pytest.raises(InputError, match="positives or negatives differ"):
+        train_cascade(pos[:-1], neg, replace(PARAMS, stages=2), out, resume=True)
+    with pytest.raises(OutputError, match="--resume"):
+        train_cascade(pos, neg, replace(PARAMS, stages=1), out)
+    train_cascade(pos, neg, replace(PARAMS, stages=1, seed=4), out, overwrite=True)
+    assert load_state(out)["params"]["seed"] == 4
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def synthetic_files(tmp_path_factory: pytest.TempPathFactory, problem) -> tuple[Path, Path]:  # noqa: ANN001
+    from PIL import Image
+
+    pos, neg = problem
+    d = tmp_path_factory.mktemp("synthetic")
+    np.savez(d / "pos.npz", images=pos)
+    nd = d / "neg"
+    nd.mkdir()
+    for i, im in enumerate(neg.images):
+        Image.fromarray(im.grey).save(nd / f"n{i:02d}.png")
+    return d / "pos.npz", nd
+
+
+def test_cli_trains_and_detect_uses_the_cascade(synthetic_files, tmp_path: Path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    pos, neg = synthetic_files
+    out = tmp_path / "sq.xml"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "cascade", "--positives", str(pos), "--negatives", str(neg),
+                               "--out", str(out), "--size", str(S), "--stages", "2", "--num-pos", "300",
+                               "--num-neg", "300", "--features-per-stage", "1000", "--bins", "32", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["stages"] >= 1 and out.is_file() and state_path(out).is_file()
+    img, expected = _square_scene(np.random.default_rng(11))
+    photo = tmp_path / "scene.png"
+    Image.fromarray(img).convert("RGB").save(photo)
+    res = runner.invoke(cli, ["detect", "--detector", "haar", "--cascade", str(out), "--min-size", str(S),
+                               "--format", "json", str(photo)])
+    assert res.exit_code == 0, res.output
+    faces = json.loads(res.stdout)[0]["faces"]
+    assert faces and all(f["detector"] == "haar" for f in faces)
+    assert max(_iou((f["x"], f["y"], f["w"], f["h"]), expected) for f in faces) > 0.5
+
+
+def test_cli_one_line_errors(synthetic_files, tmp_path: Path) -> None:  # noqa: ANN001
+    pos, neg = synthetic_files
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "cascade", "--positives", str(tmp_path / "nope.npz"), "--negatives",
+                               str(neg), "--out", str(tmp_path / "x.xml"), "-q"])
+    assert res.exit_code != 0 and "nope.npz" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, other=np.zeros(3))
+    res = runner.invoke(cli, ["train", "cascade", "--positives", str(bad), "--negatives", str(neg),
+                               "--out", str(tmp_path / "x.xml"), "-q"])
+    assert res.exit_code != 0 and "images" in res.output
+    res = runner.invoke(cli, ["train", "cascade", "--positives", str(pos), "--negatives", str(neg),
+                               "--out", str(tmp_path / "x.txt"), "-q"])
+    assert res.exit_code != 0 and ".xml" in res.output
