@@ -34,17 +34,45 @@ def data_root(required: bool = True) -> Path | None:
     return None
 
 
-def list_identities(root: str | Path) -> dict[str, list[Path]]:
-    """``<root>/<person>/<images>`` as ``{person: sorted image paths}`` (non-directories skipped)."""
-    from facepipe.io import IMAGE_EXTENSIONS
+def list_identities(root: str | Path, problems: list[InputError] | None = None) -> dict[str, list[Path]]:
+    """``<root>/<person>/<images>`` as ``{person: sorted image paths}`` (non-directories skipped).
+
+    A person folder that cannot be read, or an image entry that cannot be accessed
+    (broken link, no permission), raises :class:`InputError` naming it; with
+    ``problems`` given, those errors are appended to it instead and listing goes on.
+    """
+    from facepipe.io import IMAGE_EXTENSIONS, path_problem
+
+    def problem(err: InputError) -> None:
+        if problems is None:
+            raise err
+        problems.append(err)
 
     r = Path(root)
     if not r.is_dir():
         raise InputError(r, "identity folder not found")
     out: dict[str, list[Path]] = {}
-    for person in sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = sorted(f for f in person.iterdir()
-                      if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    try:
+        entries = sorted(r.iterdir())
+    except OSError as exc:
+        raise InputError(r, f"cannot read folder: {path_problem(exc, r)}") from exc
+    for person in entries:
+        if person.name.startswith(".") or not person.is_dir():
+            continue
+        try:
+            files = sorted(person.iterdir())
+        except OSError as exc:
+            problem(InputError(person, f"cannot read folder: {path_problem(exc, person)}"))
+            continue
+        imgs = []
+        for f in files:
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                if f.stat().st_mode & 0o170000 == 0o100000:
+                    imgs.append(f)
+            except OSError as exc:
+                problem(InputError(f, path_problem(exc, f)))
         if imgs:
             out[person.name] = imgs
     return out

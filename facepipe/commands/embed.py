@@ -56,7 +56,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
     faces below --min-embed-size are reported on stderr and listed in the sidecar, not
     embedded; unreadable files are reported and skipped (exit code 1).
     """
-    from facepipe.io import load_image
+    from facepipe.io import ensure_output_dir, load_image
 
     setup_logging(quiet, verbose)
     npy, side = _outputs(out)
@@ -64,8 +64,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
         for p in (npy, side):
             if p.exists() and not overwrite:
                 raise OutputError(p, "exists (use --overwrite to replace it)")
-        if not npy.parent.is_dir():
-            npy.parent.mkdir(parents=True, exist_ok=True)
+        ensure_output_dir(npy.parent)  # fail before the work, not after it
         pipe = build_pipeline(detector_name, embedder_name, device, min_embed_size, largest_only=largest_only,
                               min_detect_size=min_detect_size)
     except FacepipeError as exc:

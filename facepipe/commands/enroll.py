@@ -83,10 +83,13 @@ class EnrolItem:
     sha256: str = ""
 
 
-def _folder_items(root: Path) -> list[EnrolItem]:
+def _folder_items(root: Path, tally: BatchTally) -> list[EnrolItem]:
     from facepipe.datasets import list_identities
 
-    people = list_identities(root)
+    problems: list[FacepipeError] = []
+    people = list_identities(root, problems=problems)
+    for problem in problems:
+        tally.fail(str(problem))
     if not people:
         raise NoInputsError(root, "no <person>/<image> folders found")
     return [EnrolItem(name, p) for name, paths in people.items() for p in paths]
@@ -139,27 +142,35 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     Unreadable photos or photos without a face are reported and skipped (exit 1).
     """
     from facepipe.gallery import Gallery, check_name, sha256_file
-    from facepipe.io import iter_inputs
+    from facepipe.io import iter_inputs, path_problem
 
     setup_logging(quiet, verbose)
     tally = BatchTally()
     params = parse_index_params(index_params)
     try:
         if root is not None:
-            if name or images:
+            if name is not None or images:
                 raise click.UsageError("give either NAME IMAGE... or --from-folders ROOT, not both")
-            items = _folder_items(root)
+            items = []
+            for it in _folder_items(root, tally):
+                try:
+                    it.name = check_name(it.name)
+                except FacepipeError as exc:
+                    tally.fail(f"{it.path.parent}: folder name is not a valid person name "
+                               f"({getattr(exc, 'problem', exc)}); its photos are skipped")
+                    continue
+                items.append(it)
         else:
-            if not name or not images:
+            if name is None or not images:
                 raise click.UsageError("give NAME and at least one IMAGE, or --from-folders ROOT")
+            name = check_name(name)
             items = []
             for it in iter_inputs(images):
                 if isinstance(it, NoInputsError):
                     tally.fail(str(it))
                 else:
                     items.append(EnrolItem(name, it.path))
-        for n in sorted({i.name for i in items}):
-            check_name(n)
+        Gallery.check_editable(gallery_dir)
         existing = Gallery.open(gallery_dir) if (gallery_dir / "manifest.json").exists() else None
     except FacepipeError as exc:
         raise fail(exc) from exc
@@ -167,16 +178,27 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     # incremental: photos whose content is already enrolled for that person are skipped
     todo: list[EnrolItem] = []
     skipped_known = 0
+    names_of_photo: dict[str, set[str]] = {}
     for it in items:
         try:
             it.sha256 = sha256_file(it.path)
         except OSError as exc:
-            tally.fail(f"{it.path}: cannot read ({exc.strerror or exc})")
+            tally.fail(f"{it.path}: cannot read ({path_problem(exc, it.path)})")
             continue
         if existing is not None and not replace and existing.has_source(it.name, it.sha256):
             skipped_known += 1
             continue
         todo.append(it)
+        names_of_photo.setdefault(it.sha256, set()).add(it.name)
+    # the same photo under two names is almost always a mistake: say so (it is still enrolled)
+    replaced = {i.name for i in items} if replace else set()
+    for it in todo:
+        others = names_of_photo[it.sha256] - {it.name}
+        if existing is not None:
+            others |= set(existing.names_with_source(it.sha256)) - replaced - {it.name}
+        if others:
+            report(f"facepipe: warning: {it.path}: the same photo is also enrolled as "
+                   f"{', '.join(repr(o) for o in sorted(others))}; enrolling it as {it.name!r} too", quiet)
     if not todo and existing is not None and not replace:
         report(f"facepipe: nothing new to enrol ({skipped_known} photo(s) already enrolled, "
                f"{tally.failed} failed); gallery has {len(existing.people())} people / {len(existing)} vectors",

@@ -136,6 +136,8 @@ def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, imposto
         g = Gallery.open(gallery_dir)
         if len(g) == 0:
             raise fail(f"{gallery_dir}: gallery is empty; enrol people before calibrating")
+        if not dry_run:
+            Gallery.check_editable(gallery_dir, create=False)  # before the work, not after it
         if aggregation is not None:
             g.manifest["decision"]["aggregation"] = aggregation
         pipe = build_pipeline(detector_name, embedder_name or gallery_embedder(g), device, min_embed_size,

@@ -57,11 +57,19 @@ class MTCNNDetector(Detector):
         out.sort(key=lambda d: d.score, reverse=True)
         return out
 
+    def _too_small(self, image: np.ndarray) -> bool:
+        # MTCNN's image pyramid starts at min_size: an image whose shorter side is below
+        # it has no pyramid level at all (facenet-pytorch then fails on an empty
+        # torch.cat), and it cannot hold a face of the minimum size anyway
+        return min(image.shape[0], image.shape[1]) < self.min_size
+
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces with landmarks in one RGB image, highest score first."""
         import torch
 
         check_image(image)
+        if self._too_small(image):
+            return []
         with torch.inference_mode():
             boxes, probs, points = self._mtcnn.detect(image, landmarks=True)
         return self._to_detections(boxes, probs, points, self.name)
@@ -70,7 +78,7 @@ class MTCNNDetector(Detector):
         """Batched detection when all images share one size, else one at a time."""
         import torch
 
-        if len(images) > 1 and len({im.shape for im in images}) == 1:
+        if len(images) > 1 and len({im.shape for im in images}) == 1 and not self._too_small(images[0]):
             for im in images:
                 check_image(im)
             with torch.inference_mode():

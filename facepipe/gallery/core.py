@@ -22,7 +22,8 @@ from facepipe.gallery.index import (
 )
 from facepipe.gallery.names import UNKNOWN, check_name
 from facepipe.gallery.storage import (
-    LABELS_FORMAT, MANIFEST, Lock, new_manifest, read_snapshot, write_generation,
+    LABELS_FORMAT, MANIFEST, Lock, check_writable, new_manifest, read_snapshot, refuse_orphans,
+    write_generation,
 )
 from facepipe.types import Match
 
@@ -112,6 +113,26 @@ class Gallery:
         """Whether ``name`` already has a vector from an image with this content hash."""
         return (name, sha256) in self._known_hashes
 
+    def names_with_source(self, sha256: str) -> list[str]:
+        """The people who have a vector from an image with this content hash, sorted."""
+        return sorted(n for n, h in self._known_hashes if h == sha256)
+
+    @staticmethod
+    def check_editable(directory: str | os.PathLike[str], create: bool = True) -> None:
+        """Raise :class:`GalleryError` now, before any work, when :meth:`edit` would refuse:
+        not a directory, gallery files without a manifest, no gallery (``create=False``),
+        or a directory that is not writable ("gallery directory is not writable")."""
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise GalleryError(d, "exists and is not a directory")
+        if not (d / MANIFEST).is_file():
+            if not create and not d.exists():
+                raise GalleryError(d, "no such gallery directory")
+            refuse_orphans(d)
+            if not create:
+                raise GalleryError(d, f"not a facepipe gallery (no {MANIFEST})")
+        check_writable(d)
+
     def _refresh_people(self) -> None:
         self._name_index = {n: i for i, n in enumerate(self._names)}
         self._known_hashes = {(self._names[p], h) for p, h in zip(self._person.tolist(), self._hashes) if h}
@@ -177,6 +198,9 @@ class Gallery:
         if not (d / MANIFEST).is_file():
             if not d.exists():
                 raise GalleryError(d, "no such gallery directory")
+            if not d.is_dir():
+                raise GalleryError(d, "not a directory")
+            refuse_orphans(d)
             raise GalleryError(d, f"not a facepipe gallery (no {MANIFEST})")
         with Lock(d, exclusive=False, timeout=lock_timeout):
             g = cls._load(d, verify)
@@ -199,9 +223,14 @@ class Gallery:
         discards every change.
         """
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise GalleryError(d, "exists and is not a directory")
         if not create and not (d / MANIFEST).is_file():
-            raise GalleryError(d, "no such gallery directory" if not d.exists()
-                               else f"not a facepipe gallery (no {MANIFEST})")
+            if not d.exists():
+                raise GalleryError(d, "no such gallery directory")
+            refuse_orphans(d)
+            raise GalleryError(d, f"not a facepipe gallery (no {MANIFEST})")
+        check_writable(d)
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -209,6 +238,9 @@ class Gallery:
         if not d.is_dir():
             raise GalleryError(d, "exists and is not a directory")
         with Lock(d, exclusive=True, timeout=lock_timeout):
+            check_writable(d)
+            if not (d / MANIFEST).exists():
+                refuse_orphans(d)  # under the lock: another writer may have been mid-creation
             if (d / MANIFEST).exists():
                 if create == "only":
                     raise GalleryError(d, "a gallery already exists here")

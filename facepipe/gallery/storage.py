@@ -80,6 +80,65 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def not_writable(d: Path, exc: OSError) -> GalleryError:
+    """The error for a gallery directory that cannot be written."""
+    return GalleryError(d, f"gallery directory is not writable ({exc.strerror or exc}); nothing was changed")
+
+
+def check_writable(d: Path) -> None:
+    """Raise :class:`GalleryError` unless a file can be created in ``d``.
+
+    For a directory that does not exist yet, its nearest existing parent is checked
+    (the gallery would be created there). Root ignores permission bits, so this
+    tries a real write instead of asking :func:`os.access`.
+    """
+    target = d
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    if not target.is_dir():
+        raise GalleryError(d, f"{target} exists and is not a directory")
+    probe = target / f".facepipe-write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        if target == d or exc.errno in _NOT_WRITABLE:
+            raise not_writable(d, exc) from exc
+        raise GalleryError(d, f"cannot create gallery directory ({exc.strerror or exc})") from exc
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def gallery_files(d: Path) -> list[str]:
+    """Names in ``d`` that belong to a gallery's generations (index, labels, manifest leftovers)."""
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise GalleryError(d, f"cannot list the gallery directory ({exc.strerror or exc})") from exc
+    return sorted(n for n in names if GEN_FILE_RE.match(n) or n.startswith(f"{MANIFEST}.tmp-"))
+
+
+def refuse_orphans(d: Path) -> None:
+    """Refuse a directory without a manifest that holds gallery files: never overwrite them.
+
+    Temporary files of an interrupted write (``*.tmp-PID``) were never committed and
+    do not count; the next writer sweeps them.
+    """
+    orphans = [n for n in gallery_files(d) if ".tmp-" not in n]
+    if orphans:
+        shown = ", ".join(orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+        raise GalleryError(d, f"holds gallery files ({shown}) but no {MANIFEST} (a damaged gallery, or an "
+                              "interrupted first enrolment); refusing to overwrite them: restore "
+                              f"{MANIFEST}, or move them away, or use another directory")
+
+
 class Lock:
     """An ``fcntl.flock`` on ``DIR/.lock`` with a timeout and a clear error."""
 
@@ -93,8 +152,10 @@ class Lock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            if not self.exclusive and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                return self  # read-only gallery: nobody can be writing it through us
+            if exc.errno in _NOT_WRITABLE:
+                if not self.exclusive:
+                    return self  # read-only gallery: nobody can be writing it through us
+                raise not_writable(self.path.parent, exc) from exc
             raise GalleryError(self.path.parent, f"cannot open lock file ({exc.strerror or exc})") from exc
         op = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         deadline = time.monotonic() + self.timeout
@@ -236,34 +297,49 @@ def write_generation(d: Path, manifest: dict[str, Any], index: Any, labels: dict
     """Commit a new generation: labels and index under new names, then the manifest.
 
     ``manifest`` is updated in place (generation, file records, counts, time). The
-    previous generation's files are swept only after the new manifest is durable.
+    previous generation's files are swept only after the new manifest is durable. A
+    write that fails (disk full, directory made read-only) removes what it wrote and
+    raises :class:`GalleryError`; the previous generation stays current.
     """
     faiss = faiss_module()
     m = manifest
+    before = json.loads(json.dumps(m))
     gen = int(m["generation"]) + 1
     lname = f"labels-{gen:06d}.json"
-    ldata = json.dumps(labels, separators=(",", ":")).encode("utf-8")
-    _write_atomic(d / lname, ldata)
-    m["labels"] = {"file": lname, "bytes": len(ldata), "sha256": hashlib.sha256(ldata).hexdigest()}
-    if index is not None:
-        iname = f"index-{gen:06d}.faiss"
-        ipath = d / iname
-        tmp = ipath.with_name(f"{iname}.tmp-{os.getpid()}")
-        faiss.write_index(index, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, ipath)
-        m["index"]["file"] = {"file": iname, "bytes": ipath.stat().st_size, "sha256": sha256_file(ipath)}
-    else:
-        m["index"]["file"] = None
-    m["generation"] = gen
-    m["updated_at"] = now()
-    m["count"] = {"vectors": int(n_vectors), "identities": int(n_identities)}
-    fsync_dir(d)
-    _write_atomic(d / MANIFEST, (json.dumps(m, indent=2) + "\n").encode("utf-8"))
+    iname = f"index-{gen:06d}.faiss"
+    try:
+        ldata = json.dumps(labels, separators=(",", ":")).encode("utf-8")
+        _write_atomic(d / lname, ldata)
+        m["labels"] = {"file": lname, "bytes": len(ldata), "sha256": hashlib.sha256(ldata).hexdigest()}
+        if index is not None:
+            ipath = d / iname
+            tmp = ipath.with_name(f"{iname}.tmp-{os.getpid()}")
+            faiss.write_index(index, str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, ipath)
+            m["index"]["file"] = {"file": iname, "bytes": ipath.stat().st_size, "sha256": sha256_file(ipath)}
+        else:
+            m["index"]["file"] = None
+        m["generation"] = gen
+        m["updated_at"] = now()
+        m["count"] = {"vectors": int(n_vectors), "identities": int(n_identities)}
+        fsync_dir(d)
+        _write_atomic(d / MANIFEST, (json.dumps(m, indent=2) + "\n").encode("utf-8"))
+    except (OSError, RuntimeError) as exc:
+        m.clear()
+        m.update(before)
+        for name in (lname, iname, f"{lname}.tmp-{os.getpid()}", f"{iname}.tmp-{os.getpid()}",
+                     f"{MANIFEST}.tmp-{os.getpid()}"):
+            with contextlib.suppress(OSError):
+                (d / name).unlink()
+        if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE:
+            raise not_writable(d, exc) from exc
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        raise GalleryError(d, f"cannot write the gallery ({why}); the previous generation is kept") from exc
     fsync_dir(d)
     sweep(d, keep={lname, m["index"]["file"]["file"] if m["index"]["file"] else ""})
 

@@ -48,14 +48,20 @@ def load_aligned(paths: Sequence[str | Path]) -> AlignedSet:
         p = Path(p)
         if not p.is_file():
             raise InputError(p, "aligned cache not found (run scripts/align_dataset.py)")
-        with np.load(p, allow_pickle=False) as z:
-            c = z["crops"]
-            if size is not None and c.shape[1] != size:
-                raise InputError(p, f"crop size {c.shape[1]} differs from {size}")
-            size = c.shape[1]
-            crops.append(c)
-            labels.append(z["labels"].astype(str))
-            sources.append(z["sources"].astype(str))
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                c = z["crops"]
+                if size is not None and c.shape[1] != size:
+                    raise InputError(p, f"crop size {c.shape[1]} differs from {size}")
+                size = c.shape[1]
+                crops.append(c)
+                labels.append(z["labels"].astype(str))
+                sources.append(z["sources"].astype(str))
+        except (OSError, ValueError, KeyError, EOFError, AttributeError, IndexError) as exc:
+            # np.load of a non-.npz file says only "allow_pickle=False": name the file instead
+            what = ("it lacks the crops, labels or sources array" if isinstance(exc, KeyError)
+                    else "not a readable .npz archive")
+            raise InputError(p, f"not an aligned cache from scripts/align_dataset.py ({what})") from exc
     if not crops:
         raise InputError("<none>", "no aligned caches given")
     return AlignedSet(np.concatenate(crops), np.concatenate(labels), np.concatenate(sources))
