@@ -58,6 +58,8 @@ BAD_IMAGES: dict[str, str] = {
 }
 #: real images with no room for a face (MTCNN used to crash on them)
 TINY = ["tiny1.png", "tiny5.png", "tiny11.png"]
+#: ways a gallery gets damaged (see _damage)
+DAMAGE = ["no_manifest", "corrupt_manifest", "truncated_index", "changed_labels"]
 
 
 # --------------------------------------------------------------------------- corpus
@@ -140,11 +142,12 @@ def _one_model_load() -> Iterator[None]:
     original = enroll_mod.build_pipeline
     cache: dict[tuple, object] = {}
 
-    def cached(detector_name: str, embedder_name: str, device: str, min_face: int,
-               largest_only: bool = False) -> object:
-        key = (detector_name, embedder_name, device, min_face)
+    def cached(detector_name: str | None, embedder_name: str | None, device: str | None, min_face: int | None,
+               largest_only: bool = False, min_detect_size: int | None = None) -> object:
+        key = (detector_name, embedder_name, device, min_face, min_detect_size)
         if key not in cache:
-            cache[key] = original(detector_name, embedder_name, device, min_face)
+            cache[key] = original(detector_name, embedder_name, device, min_face,
+                                  min_detect_size=min_detect_size)
         pipe = cache[key]
         pipe.largest_only = largest_only  # type: ignore[attr-defined]
         return pipe
@@ -355,6 +358,64 @@ def test_image_memory_budget_is_configurable(corpus: Path, tmp_path: Path,
         load_image(big)
 
 
+# --------------------------------------------------------------------------- video
+
+#: bad video inputs and the problem each must be reported with
+BAD_VIDEOS: dict[str, str] = {
+    "zero.mp4": "empty file",
+    "text.mp4": "cannot open video",
+    "half.avi": "truncated",
+    "photo.mp4": "is a still jpeg image, not a video",
+    "good.jpg": "is a still jpeg image, not a video",
+    "loop_v.mp4": "symbolic link loop",
+    "broken.mkv": "broken symbolic link",
+    "missing.mp4": "no such file",
+}
+
+
+@pytest.fixture(scope="module")
+def videos(corpus: Path, astronaut: np.ndarray) -> Path:
+    from test_video import face_clip
+
+    root = corpus / "videos"
+    root.mkdir()
+    face_clip(root / "clip.avi", astronaut, n=6, fourcc="MJPG")
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("not a video\n")
+    good = face_clip(corpus / "long.avi", astronaut, n=20, fourcc="MJPG")
+    (root / "half.avi").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    shutil.copy(corpus / "good.jpg", root / "photo.mp4")
+    shutil.copy(corpus / "good.jpg", root / "good.jpg")
+    os.symlink("loop_v.mp4", root / "loop_v.mp4")
+    os.symlink("gone.mkv", root / "broken.mkv")
+    return root
+
+
+def test_video_over_the_corpus(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run("video", "--out", out, "--min-detect-size", "40", "--no-annotate",
+            *inputs(videos, ["clip.avi", *BAD_VIDEOS]))
+    no_traceback(r)
+    assert r.exit_code == 1, r.stderr
+    for name, problem in BAD_VIDEOS.items():
+        assert_reported_once(r.stderr, name, problem)
+    assert (out / "clip.avi.done.json").is_file() or any(out.glob("clip*.done.json"))
+    done = sorted(p.name for p in out.iterdir())
+    assert all(n.startswith("clip") for n in done), done  # nothing was written for a bad input
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_video_refuses_a_damaged_gallery(videos: Path, gallery: Path, tmp_path: Path, how: str) -> None:
+    problem = _damage(gallery, how)
+    before = snapshot(gallery)
+    r = run("video", "--out", tmp_path / "out", "-g", gallery, "--embedder", "untrained", "--no-annotate",
+            videos / "clip.avi")
+    no_traceback(r)
+    assert r.exit_code == 1, r.stderr
+    assert_reported_once(r.stderr, str(gallery), problem)
+    assert snapshot(gallery) == before
+
+
 # --------------------------------------------------------------------------- galleries
 
 
@@ -393,8 +454,6 @@ def _damage(g: Path, how: str) -> str:
         return "corrupt \\(sha256 differs"
     raise AssertionError(how)
 
-
-DAMAGE = ["no_manifest", "corrupt_manifest", "truncated_index", "changed_labels"]
 
 
 def _gallery_commands(corpus: Path, g: Path) -> dict[str, list[str]]:

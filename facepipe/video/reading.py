@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -59,6 +60,28 @@ class VideoInfo:
         return self.frame_count / self.fps if self.fps > 0 else 0.0
 
 
+def still_image_format(path: str | os.PathLike[str]) -> str | None:
+    """The format name (``JPEG``, ``PNG``, ...) when ``path`` holds one still image, else ``None``.
+
+    Reads only the header. FFmpeg opens a still image as a one-frame "video", so a
+    photo renamed ``.mp4`` would otherwise be processed without a word; animations
+    (GIF, WebP or APNG with several frames) and MPEG streams count as video.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                fmt, frames = im.format, int(getattr(im, "n_frames", 1) or 1)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError,
+            EOFError):
+        return None
+    if not fmt or fmt == "MPEG" or frames > 1:
+        return None
+    return str(fmt)
+
+
 def _open_capture(path: str | os.PathLike[str]) -> tuple[Any, VideoInfo]:
     """Open a video with auto-orientation; raise :class:`VideoReadError` if it cannot be opened."""
     import cv2
@@ -66,6 +89,10 @@ def _open_capture(path: str | os.PathLike[str]) -> tuple[Any, VideoInfo]:
     p = check_input_file(path, VideoReadError, "a video")
     if not os.access(p, os.R_OK):
         raise VideoReadError(p, "permission denied")
+    still = still_image_format(p)
+    if still is not None:
+        raise VideoReadError(p, f"is a still {still} image, not a video (use facepipe detect or identify "
+                                "for photos)")
     cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG)
     if not cap.isOpened():
         cap.release()
