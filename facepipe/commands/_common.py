@@ -57,6 +57,15 @@ def progress(items: Iterable[T], total: int | None, desc: str, quiet: bool, unit
                      disable=disable, dynamic_ncols=True, leave=False))
 
 
+def progress_bar(total: int | None, desc: str, quiet: bool, unit: str = "it") -> Any:
+    """A tqdm bar to ``update()`` by hand (as items finish anywhere), hidden like :func:`progress`."""
+    from tqdm import tqdm
+
+    disable = True if quiet or (total is not None and total < 2) else None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, dynamic_ncols=True,
+                leave=False)
+
+
 def report(message: str, quiet: bool = False) -> None:
     """Write one line to stderr without breaking an active progress bar."""
     if quiet:
@@ -305,3 +314,33 @@ def gallery_option(required: bool = True, help_text: str = "Gallery directory.")
     """``-g/--gallery DIR`` for every command that reads a gallery."""
     return click.option("-g", "--gallery", "gallery_dir", required=required, metavar="DIR",
                         type=click.Path(file_okay=False, path_type=Path), help=help_text)
+
+
+def engine_options(fn: F) -> F:
+    """Add ``--engine``, ``--ray-address`` and ``--ray-workers`` to a batch command."""
+    fn = click.option("--ray-workers", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="--engine ray: workers (Ray actors, each holding the models once); 0: one per "
+                           "GPU of the cluster, or one per CPU without GPUs.")(fn)
+    fn = click.option("--ray-address", default=None, metavar="HOST:PORT",
+                      help="--engine ray: join the cluster started with `ray start --head` there "
+                           "(inputs and outputs must be at the same paths on every machine); "
+                           "without it, a local Ray instance is started on this machine.")(fn)
+    fn = click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
+                      show_default=True,
+                      help="local: this process; ray: spread the work over Ray workers (same outputs).")(fn)
+    return fn
+
+
+def make_engine(engine_name: str, ray_address: str | None, ray_workers: int, device: str = "auto",
+                verbose: int = 0) -> Any:
+    """The engine the command-line options ask for (one-line error when it cannot start)."""
+    from facepipe.engine import create_engine
+
+    if engine_name != "ray" and (ray_address or ray_workers):
+        raise click.UsageError("--ray-address and --ray-workers need --engine ray")
+    try:
+        if engine_name == "ray":
+            return create_engine("ray", ray_address, ray_workers, device=device, log_to_driver=verbose > 0)
+        return create_engine(engine_name)
+    except FacepipeError as exc:
+        raise fail(exc) from exc

@@ -13,7 +13,8 @@ import numpy as np
 
 from facepipe.builders import build_pipeline
 from facepipe.commands._common import (
-    BatchTally, expand_inputs, fail, model_options, progress, report, setup_logging, verbosity_options,
+    BatchTally, engine_options, expand_inputs, fail, make_engine, model_options, progress_bar, report,
+    setup_logging, verbosity_options,
 )
 from facepipe.errors import FacepipeError, OutputError
 
@@ -44,10 +45,11 @@ def _write_atomic(path: Path, write: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--batch-images", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images whose faces are embedded in one batch.")
+@engine_options
 @verbosity_options
 def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder_name: str | None,
           device: str | None, min_detect_size: int | None, min_embed_size: int, largest_only: bool, overwrite: bool, batch_images: int,
-          quiet: bool, verbose: int) -> None:
+          engine_name: str, ray_address: str | None, ray_workers: int, quiet: bool, verbose: int) -> None:
     """Write one embedding per detected face to a NumPy file plus a JSON sidecar.
 
     PATH is an image, a directory (searched recursively) or a glob. Row k of the
@@ -56,7 +58,9 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
     faces below --min-embed-size are reported on stderr and listed in the sidecar, not
     embedded; unreadable files are reported and skipped (exit code 1).
     """
-    from facepipe.io import ensure_output_dir, load_image
+    from facepipe.engine import WorkerFactory
+    from facepipe.engine.work import map_images
+    from facepipe.io import ensure_output_dir
 
     setup_logging(quiet, verbose)
     npy, side = _outputs(out)
@@ -65,8 +69,9 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
             if p.exists() and not overwrite:
                 raise OutputError(p, "exists (use --overwrite to replace it)")
         ensure_output_dir(npy.parent)  # fail before the work, not after it
-        pipe = build_pipeline(detector_name, embedder_name, device, min_embed_size, largest_only=largest_only,
-                              min_detect_size=min_detect_size)
+        factory = WorkerFactory(build_pipeline, detector_name, embedder_name, device, min_embed_size,
+                                largest_only=largest_only, min_detect_size=min_detect_size)
+        pipe = factory()
     except FacepipeError as exc:
         raise fail(exc) from exc
     except (ValueError, OSError) as exc:
@@ -80,27 +85,15 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
     no_face: list[str] = []
     failed: list[dict[str, str]] = []
     t0 = time.perf_counter()
-    bar = progress(range(0, len(files), batch_images), total=(len(files) + batch_images - 1) // batch_images,
-                   desc="embed", quiet=quiet, unit="batch")
-    for start in bar:
-        chunk, images = [], []
-        for item in files[start:start + batch_images]:
-            try:
-                images.append(load_image(item.path))
-                chunk.append(item)
-            except FacepipeError as exc:
-                tally.fail(str(exc))
-                failed.append({"source": os.fspath(item.path), "error": getattr(exc, "problem", str(exc))})
-        if not images:
-            continue
-        try:
-            results = pipe.process_batch(images)
-        except FacepipeError as exc:
-            for item in chunk:
-                tally.fail(f"{item.path}: {exc}")
-            continue
-        for item, image, res in zip(chunk, images, results):
-            src = os.fspath(item.path)
+    bar = progress_bar(len(files), "embed", quiet, unit="img")
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
+    try:
+        for res in map_images(engine, factory, [f.path for f in files], batch_images, on_images=bar.update):
+            src = os.fspath(res.path)
+            if res.error is not None:
+                tally.fail(res.error)
+                failed.append({"source": src, "error": res.problem})
+                continue
             tally.ok += 1
             for s in res.skipped:
                 skipped.append({"source": src, **s.detection.to_dict(), "reason": s.reason.value,
@@ -113,11 +106,14 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
                 if not res.skipped:
                     report(f"facepipe: {src}: no face found, skipped", quiet)
             for f in res.faces:
-                faces.append({"row": len(vectors), "source": src, "width": int(image.shape[1]),
-                              "height": int(image.shape[0]), **f.detection.to_dict(),
+                faces.append({"row": len(vectors), "source": src, "width": res.width,
+                              "height": res.height, **f.detection.to_dict(),
                               "alignment": f.alignment})
                 vectors.append(f.embedding)
             tally.items += len(res.faces)
+    finally:
+        bar.close()
+        engine.close()
     emb = pipe.embedder
     arr = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, emb.dim), np.float32)
     sidecar = {

@@ -19,7 +19,8 @@ import numpy as np
 from facepipe import defaults
 from facepipe.builders import build_pipeline, gallery_embedder
 from facepipe.commands._common import (
-    BatchTally, FiniteFloat, fail, gallery_option, model_options, progress, report, setup_logging, verbosity_options,
+    BatchTally, FiniteFloat, engine_options, fail, gallery_option, make_engine, model_options, progress_bar, report,
+    setup_logging, verbosity_options,
 )
 from facepipe.errors import FacepipeError, ImageReadError, NoInputsError
 
@@ -127,11 +128,13 @@ class _EnrollCommand(click.Command):
 @click.option("--commit-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Commit a new gallery generation after this many embedded photos.")
 @model_options(gallery_aware=True)
+@engine_options
 @verbosity_options
 def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: Path | None, replace: bool,
            index_type: str, index_params: tuple[str, ...], aggregation: str, threshold: float | None, commit_every: int,
            detector_name: str | None, embedder_name: str | None, device: str | None, min_detect_size: int | None,
-           min_embed_size: int, quiet: bool, verbose: int) -> None:
+           min_embed_size: int, engine_name: str, ray_address: str | None, ray_workers: int,
+           quiet: bool, verbose: int) -> None:
     """Enrol people into a gallery: NAME IMAGE... or --from-folders ROOT.
 
     Each photo contributes the embedding of its largest face; several photos per
@@ -141,6 +144,8 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     leaves the previous gallery intact, and concurrent enrolments are serialised.
     Unreadable photos or photos without a face are reported and skipped (exit 1).
     """
+    from facepipe.engine import WorkerFactory
+    from facepipe.engine.work import largest_face_embedding, map_images
     from facepipe.gallery import Gallery, check_name, sha256_file
     from facepipe.io import iter_inputs, path_problem
 
@@ -207,8 +212,9 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     try:
         if embedder_name is None and existing is not None:
             embedder_name = gallery_embedder(existing)
-        pipe = build_pipeline(detector_name, embedder_name, device, min_embed_size, largest_only=True,
-                              min_detect_size=min_detect_size)
+        factory = WorkerFactory(build_pipeline, detector_name, embedder_name, device, min_embed_size,
+                                largest_only=True, min_detect_size=min_detect_size)
+        pipe = factory()
         emb_id, emb_sha, emb_desc = embedder_record(pipe.embedder)
         if existing is not None:
             existing.check_embedder(emb_id)
@@ -222,7 +228,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type, params=params,
                      aggregation=aggregation,
                      threshold=defaults.THRESHOLD if threshold is None else threshold)
-    bar = progress(todo, total=len(todo), desc="enroll", quiet=quiet, unit="img")
+    bar = progress_bar(len(todo), "enroll", quiet, unit="img")
     pending: list[tuple[EnrolItem, np.ndarray]] = []
 
     def commit(batch: list[tuple[EnrolItem, np.ndarray]], first: bool) -> int:
@@ -244,10 +250,11 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
             return len(fresh)
 
     first = True
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
     try:
-        for it in bar:
+        for it, res in zip(todo, map_images(engine, factory, [it.path for it in todo], on_images=bar.update)):
             try:
-                pending.append((it, embed_one_face(pipe, it.path)))
+                pending.append((it, largest_face_embedding(res)))
             except FacepipeError as exc:
                 tally.fail(str(exc))
                 continue
@@ -260,6 +267,9 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
             commit([], True)  # an empty but valid gallery, so `identify` can open it
     except FacepipeError as exc:
         raise fail(exc) from exc
+    finally:
+        bar.close()
+        engine.close()
     tally.ok = added
     try:
         final = Gallery.open(gallery_dir, verify=False)

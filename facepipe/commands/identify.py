@@ -13,9 +13,10 @@ from facepipe import defaults
 from facepipe.builders import build_pipeline, gallery_embedder
 from facepipe.commands._common import (
     BatchTally, FiniteFloat, RecordWriter, annotated_path, expand_inputs, fail, format_option,
-    gallery_option, model_options, progress, report, setup_logging, verbosity_options,
+    engine_options, gallery_option, make_engine, model_options, progress_bar, report, setup_logging,
+    verbosity_options,
 )
-from facepipe.errors import FacepipeError
+from facepipe.errors import FacepipeError, ImageReadError
 
 #: face_recognition's CLI words for a rejected face and for an image without faces
 CSV_UNKNOWN = "unknown_person"
@@ -74,12 +75,14 @@ def _colour(v: Any) -> tuple[int, int, int]:
 @click.option("--search-device", default=defaults.SEARCH_DEVICE, show_default=True,
               help="Where FAISS searches: auto (GPU when faiss-gpu sees one), cpu, cuda or cuda:N.")
 @model_options(gallery_aware=True)
+@engine_options
 @verbosity_options
 def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None, threshold: float | None,
              min_margin: float, top_k: int, fmt: str, show_distance: bool, show_similarity: bool,
              show_similarity_old: bool, show_margin: bool, header: bool, annotate_dir: Path | None,
              search_device: str, detector_name: str | None, embedder_name: str | None, device: str | None,
-             min_detect_size: int | None, min_embed_size: int, quiet: bool, verbose: int) -> None:
+             min_detect_size: int | None, min_embed_size: int, engine_name: str, ray_address: str | None,
+             ray_workers: int, quiet: bool, verbose: int) -> None:
     """Identify the faces in images against a gallery.
 
     Every face gets the best enrolled person's name when its distance
@@ -90,6 +93,8 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
     directory (searched recursively) or a glob. Bad files are reported on stderr and
     skipped; the exit code is 1 if any input failed, 2 for a usage error.
     """
+    from facepipe.engine import WorkerFactory
+    from facepipe.engine.work import map_images
     from facepipe.gallery import Gallery
     from facepipe.io import ensure_output_dir, load_image
     from facepipe.scores import decide, resolve_threshold
@@ -110,8 +115,9 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
                                "(use --format json or jsonl)")
     try:
         gallery = Gallery.open(gallery_dir)
-        pipe = build_pipeline(detector_name, embedder_name or gallery_embedder(gallery), device,
-                              min_embed_size, min_detect_size=min_detect_size)
+        factory = WorkerFactory(build_pipeline, detector_name, embedder_name or gallery_embedder(gallery), device,
+                                min_embed_size, min_detect_size=min_detect_size)
+        pipe = factory()
         gallery.check_embedder(pipe.embedder.embedder_id)
         where = gallery.to_device(search_device)
         if annotate_dir is not None:
@@ -130,50 +136,56 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
     known = unknown = ambiguous = 0
     used: set[Path] = set()
     t0 = time.perf_counter()
-    for item in progress(files, total=len(files), desc="identify", quiet=quiet, unit="img"):
-        path_str = os.fspath(item.path)
-        try:
-            image = load_image(item.path)
-            result = pipe.process(image)
-            vecs = result.embeddings
-            ranked = gallery.rank(vecs, top_k=max(top_k, 2)) if len(vecs) else []
-            verdicts = [decide(c, thr, min_margin) for c in ranked]
-            if annotate_dir is not None:
-                _annotate(annotate_dir, item.relative, used, image, result, verdicts)
-        except FacepipeError as exc:
-            tally.fail(str(exc))
-            if fmt != "csv":
-                writer.record({"path": path_str, "error": getattr(exc, "problem", str(exc))})
-            continue
-        tally.ok += 1
-        tally.items += len(verdicts)
-        for v in verdicts:
-            known += v.known
-            unknown += not v.known
-            ambiguous += v.ambiguous
-        if fmt == "csv":
-            if not verdicts:
-                # face_recognition prints the missing distance as None
-                writer.csv_row([path_str, CSV_NO_FACES] + ["None"] * len(extra))
+    bar = progress_bar(len(files), "identify", quiet, unit="img")
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
+    try:
+        for item, result in zip(files, map_images(engine, factory, [f.path for f in files], on_images=bar.update)):
+            path_str = os.fspath(item.path)
+            try:
+                if result.error is not None:
+                    raise ImageReadError(item.path, result.problem or result.error)
+                vecs = result.embeddings
+                ranked = gallery.rank(vecs, top_k=max(top_k, 2)) if len(vecs) else []
+                verdicts = [decide(c, thr, min_margin) for c in ranked]
+                if annotate_dir is not None:
+                    _annotate(annotate_dir, item.relative, used, load_image(item.path), result, verdicts)
+            except FacepipeError as exc:
+                tally.fail(str(exc))
+                if fmt != "csv":
+                    writer.record({"path": path_str, "error": getattr(exc, "problem", str(exc))})
+                continue
+            tally.ok += 1
+            tally.items += len(verdicts)
             for v in verdicts:
-                row: list[Any] = [path_str, v.name if v.known else CSV_UNKNOWN]
-                if show_similarity:
-                    row.append(_fmt(v.similarity))
-                elif show_distance:
-                    row.append(_fmt(v.distance))
-                if show_margin:
-                    row.append(_fmt(v.margin))
-                writer.csv_row(row)
-            continue
-        faces = []
-        for face, v in zip(result.faces, verdicts):
-            faces.append({**face.detection.to_dict(), **v.to_dict(top_k)})
-        writer.record({
-            "path": path_str, "width": int(image.shape[1]), "height": int(image.shape[0]),
-            "faces": faces,
-            "skipped": [{**s.detection.to_dict(), "reason": s.reason.value, "detail": s.detail}
-                        for s in result.skipped],
-        })
+                known += v.known
+                unknown += not v.known
+                ambiguous += v.ambiguous
+            if fmt == "csv":
+                if not verdicts:
+                    # face_recognition prints the missing distance as None
+                    writer.csv_row([path_str, CSV_NO_FACES] + ["None"] * len(extra))
+                for v in verdicts:
+                    row: list[Any] = [path_str, v.name if v.known else CSV_UNKNOWN]
+                    if show_similarity:
+                        row.append(_fmt(v.similarity))
+                    elif show_distance:
+                        row.append(_fmt(v.distance))
+                    if show_margin:
+                        row.append(_fmt(v.margin))
+                    writer.csv_row(row)
+                continue
+            faces = []
+            for face, v in zip(result.faces, verdicts):
+                faces.append({**face.detection.to_dict(), **v.to_dict(top_k)})
+            writer.record({
+                "path": path_str, "width": result.width, "height": result.height,
+                "faces": faces,
+                "skipped": [{**s.detection.to_dict(), "reason": s.reason.value, "detail": s.detail}
+                            for s in result.skipped],
+            })
+    finally:
+        bar.close()
+        engine.close()
     writer.close()
     elapsed = time.perf_counter() - t0
     if len(files) > 1 or tally.failed:

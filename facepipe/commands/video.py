@@ -13,7 +13,8 @@ import click
 from facepipe import defaults
 from facepipe.commands._common import (
     BatchTally, FiniteFloat, detector_option, device_option, embedder_option, fail, gallery_option,
-    min_detect_size_option, min_embed_size_option, report, setup_logging, verbosity_options,
+    engine_options, make_engine, min_detect_size_option, min_embed_size_option, report, setup_logging,
+    verbosity_options,
 )
 from facepipe.errors import FacepipeError, NoInputsError
 
@@ -44,14 +45,13 @@ def _unique_relative(item: Any, used: set[Path]) -> Path:
     return c
 
 
-def _tracker(analyzer: Any, max_gap: float) -> Any:
-    """A tracker whose same-person similarity is the gallery's calibrated threshold
-    (embedders differ: dlib's vectors of two different people often have cosine 0.85)."""
-    from facepipe.track import Tracker
-
+def _tracker(analyzer: Any, max_gap: float) -> dict[str, Any]:
+    """Keyword arguments of :class:`~facepipe.track.Tracker` (each video gets its own): the
+    same-person similarity is the gallery's calibrated threshold (embedders differ: dlib's
+    vectors of two different people often have cosine 0.85)."""
     if analyzer.gallery is not None:
-        return Tracker(max_gap_s=max_gap, sim_min=float(analyzer.gallery.threshold))
-    return Tracker(max_gap_s=max_gap)
+        return {"max_gap_s": max_gap, "sim_min": float(analyzer.gallery.threshold)}
+    return {"max_gap_s": max_gap}
 
 
 def _quiet_decoder_logs(verbose: int) -> None:
@@ -99,6 +99,7 @@ def _quiet_decoder_logs(verbose: int) -> None:
               "more than this (Bhattacharyya distance; a camera cut). 0 disables.")
 @click.option("--max-gap", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Seconds a track survives without being seen.")
+@engine_options
 @verbosity_options
 def video(
     inputs: tuple[str, ...],
@@ -119,6 +120,9 @@ def video(
     resume: bool,
     shot_cut: float,
     max_gap: float,
+    engine_name: str,
+    ray_address: str | None,
+    ray_workers: int,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -132,8 +136,10 @@ def video(
     NAME.done.json. Files that cannot be decoded are reported and skipped; the
     exit code is 1 if any input failed.
     """
+    from facepipe.engine import WorkerFactory
+    from facepipe.engine.work import VideoJob, run_video_job
     from facepipe.io import ensure_output_dir
-    from facepipe.video import build_analyzer, is_complete, iter_videos, output_paths, process_video
+    from facepipe.video import build_analyzer, is_complete, iter_videos, output_paths
 
     setup_logging(quiet, verbose)
     _quiet_decoder_logs(verbose)
@@ -160,8 +166,9 @@ def video(
             from facepipe.gallery import Gallery
 
             embedder_name = gallery_embedder(Gallery.open(gallery_dir, verify=False))
-        analyzer = build_analyzer(detector_name, embedder_name, gallery_dir, device, options, min_embed_size,
-                                  landmarks)
+        factory = WorkerFactory(build_analyzer, detector_name, embedder_name, gallery_dir, device, options,
+                                min_embed_size, landmarks)
+        analyzer = factory()
     except FacepipeError as exc:
         raise fail(exc) from exc
     except (ValueError, TypeError) as exc:
@@ -178,47 +185,52 @@ def video(
                 "embed_every": embed_every, "shot_cut": shot_cut}
     skipped = frames_total = 0
     t0 = time.perf_counter()
+    jobs = []
+    used: set[Path] = set()
+    for item in files:
+        outputs = output_paths(out_dir, _unique_relative(item, used))
+        if resume and is_complete(outputs, item.path, settings):
+            skipped += 1
+            report(f"{item.path}: already done, skipped (--resume)", quiet)
+            continue
+        jobs.append(VideoJob(item.path, outputs, _tracker(analyzer, max_gap), dict(
+            stride=stride, batch_size=batch_size, annotate=annotate, unknown_weight=threshold,
+            embed_every=embed_every, shot_cut=shot_cut or None, settings=settings)))
     overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
-    try:
-        used: set[Path] = set()
-        for item in files:
-            outputs = output_paths(out_dir, _unique_relative(item, used))
-            if resume and is_complete(outputs, item.path, settings):
-                skipped += 1
-                report(f"{item.path}: already done, skipped (--resume)", quiet)
-                overall.update(1)
-                continue
-            bars: dict[str, Any] = {}
+    overall.update(skipped)
+    bars: dict[str, Any] = {}
 
-            def on_progress(phase: str, done: int, total: int, _name: str = item.path.name) -> None:
-                bar = bars.get(phase)
-                if bar is None:
-                    for b in bars.values():
-                        b.close()
-                    bar = bars[phase] = _bar(total, f"{_name} [{phase}]", "frame", 1, quiet, False)
-                if total > (bar.total or 0):
-                    bar.total = total
-                bar.update(done - bar.n)
-
-            try:
-                result = process_video(
-                    item.path, outputs, analyzer, stride=stride, batch_size=batch_size,
-                    annotate=annotate, tracker=_tracker(analyzer, max_gap), unknown_weight=threshold,
-                    embed_every=embed_every, shot_cut=shot_cut or None, settings=settings, on_progress=on_progress,
-                )
-            except FacepipeError as exc:
-                tally.fail(str(exc))
-                continue
-            finally:
+    def item_progress(_i: int, job: Any) -> Any:
+        def on_progress(phase: str, done: int, total: int) -> None:
+            bar = bars.get(phase)
+            if bar is None:
                 for b in bars.values():
                     b.close()
-                overall.update(1)
+                bar = bars[phase] = _bar(total, f"{job.path.name} [{phase}]", "frame", 1, quiet, False)
+            if total > (bar.total or 0):
+                bar.total = total
+            bar.update(done - bar.n)
+        return on_progress
+
+    def on_done(_outcome: Any) -> None:
+        for b in bars.values():
+            b.close()
+        bars.clear()
+        overall.update(1)
+
+    engine = make_engine(engine_name, ray_address, ray_workers, device, verbose)
+    try:
+        for outcome in engine.map(factory, run_video_job, jobs, on_done=on_done, item_progress=item_progress):
+            if not outcome.ok:
+                tally.fail(str(outcome.error))
+                continue
+            result, outputs = outcome.value, outcome.item.outputs
             tally.ok += 1
             tally.items += len(result.tracks)
             frames_total += result.frames
             named = sorted({t.identity for t in result.tracks if t.identity and t.identity != "unknown"})
             report(
-                f"{item.path}: {result.frames} frames ({result.analysed_frames} analysed), "
+                f"{outcome.item.path}: {result.frames} frames ({result.analysed_frames} analysed), "
                 f"{result.faces} faces, {len(result.tracks)} tracks"
                 + (f", identities: {', '.join(named)}" if named else "")
                 + f", {result.fps:.1f} frames/s -> {os.fspath(outputs.tracks_csv.parent)}",
@@ -226,6 +238,7 @@ def video(
             )
     finally:
         overall.close()
+        engine.close()
     elapsed = time.perf_counter() - t0
     if len(files) > 1 or tally.failed or skipped:
         report(

@@ -1,0 +1,227 @@
+"""``--engine ray``: the same outputs as ``--engine local``, a killed worker, a killed driver.
+
+One local Ray instance (2 CPUs, a 200 MB object store) serves the whole module; the
+commands run in-process find it already started and use it, and the resume test's
+driver subprocess joins it with ``--ray-address``. Clips are the generated
+astronaut clips of ``test_video``; photos are real (the astronaut, plus the shared
+data's face_recognition examples when present).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facepipe.cli import cli
+from test_video import face_clip
+
+ray = pytest.importorskip("ray")
+
+#: Marker fields that differ between any two runs (timings) -- everything else must match.
+VOLATILE = {"timings", "wall_seconds", "finished_at"}
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:  # type: ignore[misc]
+    """A local Ray instance limited to 2 CPUs, started once for the module."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ctx = ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+                   log_to_driver=False, logging_level="ERROR")
+    # The kill-on-first-attempt work below is defined here, in a module the workers cannot import.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Path:
+    """Four short clips of the moving astronaut, and one truncated file."""
+    d = tmp_path_factory.mktemp("clips")
+    for i, n in enumerate((8, 12, 6, 10)):
+        face_clip(d / f"c{i}.mp4", astronaut, n=n)
+    good = (d / "c1.mp4").read_bytes()
+    (d / "broken.mp4").write_bytes(good[: len(good) // 3])
+    return d
+
+
+def _invoke(args: list[str]) -> "object":
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _outputs(out: Path) -> dict[str, object]:
+    """Every output file's content (markers without their timings)."""
+    files: dict[str, object] = {}
+    for p in sorted(out.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = str(p.relative_to(out))
+        if p.name.endswith(".done.json"):
+            files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+        else:
+            files[rel] = p.read_bytes()
+    return files
+
+
+def _gallery(path: Path, astronaut: np.ndarray) -> Path:
+    """A gallery with the astronaut enrolled by the untrained embedder (no download)."""
+    from facepipe.detect import create_detector
+    from facepipe.embed import load_embedder
+    from facepipe.gallery import Gallery
+    from facepipe.pipeline import FacePipeline
+
+    emb = load_embedder("untrained", device="cpu")
+    face = FacePipeline(create_detector("haar", min_size=40), emb, device="cpu").process(astronaut).faces[0]
+    with Gallery.edit(path, embedder_id=emb.embedder_id, dim=emb.dim, threshold=0.5) as g:
+        g.add(face.embedding[None, :], ["eileen_collins"])
+    return path
+
+
+def test_video_on_ray_writes_what_local_writes(ray_address: str, clips: Path, tmp_path: Path,
+                                               astronaut: np.ndarray) -> None:
+    gal = _gallery(tmp_path / "gallery", astronaut)
+    common = [str(clips), "--gallery", str(gal), "--embedder", "untrained", "--device", "cpu",
+              "--min-size", "40", "--batch-size", "4", "--stride", "2"]
+    local = _invoke(["video", *common, "--out", str(tmp_path / "local")])
+    on_ray = _invoke(["video", *common, "--out", str(tmp_path / "ray"), "--engine", "ray"])
+    for r in (local, on_ray):
+        assert r.exit_code == 1, r.output          # the truncated file fails, the rest is done
+        assert "broken.mp4" in r.output and "truncated" in r.output
+        assert "4 video(s) processed" in r.output and "1 failed" in r.output
+    a, b = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    assert sorted(a) == sorted(b)
+    assert len([k for k in a if k.endswith(".done.json")]) == 4
+    for k in a:
+        if k.endswith(".annotated.mp4"):
+            continue    # re-encoded by the same encoder; compared through frames.jsonl
+        assert a[k] == b[k], k
+    recs = [json.loads(x) for x in (tmp_path / "ray" / "c1.mp4.frames.jsonl").read_text().splitlines()]
+    assert {f["name"] for r in recs for f in r["faces"]} == {"eileen_collins"}
+
+
+def _photos(root: Path, astronaut: np.ndarray, shared: Path | None) -> Path:
+    """A folder of real photos (one per person folder), one unreadable file among them."""
+    from PIL import Image
+
+    (root / "eileen_collins").mkdir(parents=True)
+    Image.fromarray(astronaut).save(root / "eileen_collins" / "a.jpg", quality=95)
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(root / "eileen_collins" / "b.png")
+    (root / "eileen_collins" / "bad.jpg").write_bytes(b"not a jpeg")
+    if shared is not None:
+        src = shared / "identities" / "face_recognition_examples"
+        for person in sorted(p for p in src.iterdir() if p.is_dir())[:3]:
+            img = min(person.iterdir(), key=lambda p: p.stat().st_size)   # the smallest: a short test
+            (root / person.name).mkdir()
+            (root / person.name / img.name).write_bytes(img.read_bytes())
+    return root
+
+
+def test_image_commands_on_ray_match_local(ray_address: str, tmp_path: Path, astronaut: np.ndarray) -> None:
+    from facepipe.datasets import data_root
+    from facepipe.gallery import Gallery
+
+    photos = _photos(tmp_path / "photos", astronaut, data_root(required=False))
+    model = ["--detector", "haar", "--embedder", "untrained", "--device", "cpu"]
+    res = {}
+    for engine in ("local", "ray"):
+        eng = ["--engine", engine]
+        r = _invoke(["embed", str(photos), "--out", str(tmp_path / f"{engine}.npy"), "--batch-images", "2",
+                     *model, *eng])
+        assert r.exit_code == 1 and "bad.jpg" in r.output, r.output
+        gal = tmp_path / f"gallery_{engine}"
+        r = _invoke(["enroll", "-g", str(gal), "--from-folders", str(photos), *model, *eng])
+        assert r.exit_code == 1 and "bad.jpg" in r.output, r.output
+        r = _invoke(["identify", str(photos), "-g", str(gal), "--format", "json", *model, *eng])
+        assert r.exit_code == 1, r.output
+        ident = json.loads(r.stdout)
+        g = Gallery.open(gal)
+        res[engine] = (np.load(tmp_path / f"{engine}.npy"), json.loads((tmp_path / f"{engine}.json").read_text()),
+                       ident, sorted(g.people()), len(g))
+    (va, sa, ia, pa, na), (vb, sb, ib, pb, nb) = res["local"], res["ray"]
+    assert va.shape == vb.shape and va.shape[0] >= 2
+    np.testing.assert_allclose(va, vb, atol=1e-5)
+    assert sa["faces"] == sb["faces"]                 # same sources, boxes, landmarks, alignment
+    assert sa["failed"] == sb["failed"] and len(sa["failed"]) == 1
+    assert pa == pb and na == nb and "eileen_collins" in pa
+    names = lambda ident: [(r["path"], [f["name"] for f in r.get("faces", [])]) for r in ident]  # noqa: E731
+    assert names(ia) == names(ib)
+    assert any("eileen_collins" in n for _, n in names(ib))
+
+
+def _kill_first_attempt(analyzer, job, progress=None):  # type: ignore[no-untyped-def]
+    """Process a video, but kill this worker process the first time it gets c1.mp4."""
+    from facepipe.engine.work import run_video_job
+
+    flag = job.outputs.marker.parent / "killed-once"
+    if job.path.name == "c1.mp4" and not flag.exists():
+        flag.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run_video_job(analyzer, job, progress)
+
+
+def test_a_killed_worker_is_retried_and_every_video_appears_once(ray_address: str, clips: Path,
+                                                                  tmp_path: Path) -> None:
+    from facepipe.engine import WorkerFactory, create_engine
+    from facepipe.engine.work import VideoJob
+    from facepipe.video import build_analyzer, output_paths
+
+    out = tmp_path / "out"
+    out.mkdir()
+    factory = WorkerFactory(build_analyzer, "haar", None, None, "cpu", {"min_size": 40})
+    jobs = [VideoJob(p, output_paths(out, p.name), {"max_gap_s": 1.0},
+                     {"annotate": False, "settings": {"test": 1}})
+            for p in sorted(clips.glob("c*.mp4"))]
+    engine = create_engine("ray", workers=2)
+    outcomes = list(engine.map(factory, _kill_first_attempt, jobs))
+    assert (out / "killed-once").is_file()                       # a worker really died mid-item
+    assert sorted(o.index for o in outcomes) == [0, 1, 2, 3]     # ... and every item came back once
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    for job in jobs:
+        assert job.outputs.marker.is_file()
+        recs = job.outputs.frames.read_text().splitlines()
+        assert len(recs) == len({json.loads(r)["frame"] for r in recs}) > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]   # no partial file left
+
+
+def test_driver_killed_mid_run_then_resume_finishes_the_rest(ray_address: str, tmp_path: Path,
+                                                              astronaut: np.ndarray) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        face_clip(src / f"v{i}.mp4", astronaut, n=30)
+    out = tmp_path / "out"
+    args = ["video", str(src), "--out", str(out), "--no-annotate", "--min-size", "40", "--device", "cpu",
+            "--batch-size", "4"]
+    driver = subprocess.Popen([sys.executable, "-m", "facepipe.cli", *args, "--engine", "ray",
+                               "--ray-address", ray_address, "--ray-workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*.done.json")):
+            assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
+            assert time.monotonic() < deadline, "no video finished in time"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+    done_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.done.json")}
+    finished = [n[: -len(".done.json")] for n in done_before]
+    assert 1 <= len(finished) < 6
+    kept = {p.name: p.stat().st_mtime_ns for n in finished for p in out.glob(f"{n}.*")}
+    r = _invoke([*args, "--engine", "ray", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("already done, skipped (--resume)") == len(finished)
+    for name, (mtime, content) in done_before.items():
+        assert (out / name).stat().st_mtime_ns == mtime and (out / name).read_bytes() == content
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept      # finished outputs untouched
+    assert sorted(p.name for p in out.glob("*.done.json")) == [f"v{i}.mp4.done.json" for i in range(6)]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
