@@ -90,7 +90,7 @@ def test_video_on_ray_writes_what_local_writes(ray_address: str, clips: Path, tm
                                                astronaut: np.ndarray) -> None:
     gal = _gallery(tmp_path / "gallery", astronaut)
     common = [str(clips), "--gallery", str(gal), "--embedder", "untrained", "--device", "cpu",
-              "--min-size", "40", "--batch-size", "4", "--stride", "2"]
+              "--min-detect-size", "40", "--batch-size", "4", "--stride", "2"]
     local = _invoke(["video", *common, "--out", str(tmp_path / "local")])
     on_ray = _invoke(["video", *common, "--out", str(tmp_path / "ray"), "--engine", "ray"])
     for r in (local, on_ray):
@@ -199,7 +199,7 @@ def test_driver_killed_mid_run_then_resume_finishes_the_rest(ray_address: str, t
     for i in range(6):
         face_clip(src / f"v{i}.mp4", astronaut, n=30)
     out = tmp_path / "out"
-    args = ["video", str(src), "--out", str(out), "--no-annotate", "--min-size", "40", "--device", "cpu",
+    args = ["video", str(src), "--out", str(out), "--no-annotate", "--min-detect-size", "40", "--device", "cpu",
             "--batch-size", "4"]
     driver = subprocess.Popen([sys.executable, "-m", "facepipe.cli", *args, "--engine", "ray",
                                "--ray-address", ray_address, "--ray-workers", "1"],
