@@ -40,6 +40,34 @@ def _none() -> None:
     return None
 
 
+def _sleep(state: Any, item: float, progress: Any = None) -> float:
+    """Work that waits ``item`` seconds without using a core (the engine's parallelism alone)."""
+    time.sleep(item)
+    return item
+
+
+def engine_scaling(workers: list[int], items: int = 48, seconds: float = 0.5) -> list[dict[str, Any]]:
+    """Items/s of work that only waits, for each worker count: what the engine's scheduling
+    gives when cores are not the limit (a Ray instance must be running with enough CPUs).
+    ``startup_s``: until every worker has returned its first item (actor processes start);
+    ``steady_items_per_s``: the items after those, over the time after."""
+    from facepipe.engine import WorkerFactory, create_engine
+
+    rows = []
+    for w in workers:
+        eng = create_engine("ray", workers=w)
+        t0 = time.perf_counter()
+        done = [time.perf_counter() - t0 for o in eng.map(WorkerFactory(_none), _sleep, [seconds] * items)
+                if o.ok]
+        wall = done[-1]
+        start = done[w - 1]
+        rows.append({"workers": w, "items": len(done), "item_s": seconds, "wall_s": round(wall, 3),
+                     "startup_s": round(start, 3),
+                     "steady_items_per_s": round((len(done) - w) / (wall - start), 3),
+                     "ideal_items_per_s": round(w / seconds, 3)})
+    return rows
+
+
 def make_clips(dest: Path, copies: int, frames: int) -> list[Path]:
     """``copies`` copies of each shared clip (the first ``frames`` frames, re-encoded at 640x360)."""
     import cv2
@@ -144,7 +172,7 @@ def gpu_video_throughput(clips: list[Path] | None = None, workers: int = 0, dete
         tmpd = Path(tmp)
         clips = clips or make_clips(tmpd / "clips", copies, frames)
         engine = create_engine("ray", os.environ.get("RAY_ADDRESS"), workers, device="cuda",
-                               gpus_per_worker=gpus_per_worker)
+                               gpus_per_worker=gpus_per_worker, keep_workers=True)
         try:
             run_videos(engine, clips[: max(1, engine.workers)], tmpd / "warm", detector, embedder, "cuda", 40)
             res = run_videos(engine, clips, tmpd / "out", detector, embedder, "cuda", 40)
@@ -169,6 +197,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="Ray worker counts to run")
     ap.add_argument("--videos-only", action="store_true")
     ap.add_argument("--noop-items", type=int, default=200)
+    ap.add_argument("--local-threads", type=int, default=1)
+    ap.add_argument("--engine-only", action="store_true",
+                    help="only Ray's overheads and the scaling of waiting work over 1, 2, 4, 8 workers")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -178,16 +209,36 @@ def main() -> None:
     from facepipe.device import describe_machine
     from facepipe.engine import LocalEngine, WorkerFactory, create_engine
 
-    # The local engine gets what a single facepipe process gets on this machine (all cores);
-    # each Ray worker gets one core's worth of threads (the engine's default).
-    torch.set_num_threads(os.cpu_count() or 1)
-    cv2.setNumThreads(os.cpu_count() or 1)
+    # Each Ray worker runs one core's worth of threads (the engine's default); the local
+    # engine gets --local-threads (1 by default: the same per process, and on a busy machine
+    # what `facepipe --threads 1` recommends; 0 = PyTorch's default, all cores).
+    if args.local_threads:
+        torch.set_num_threads(args.local_threads)
+        cv2.setNumThreads(args.local_threads)
     emb_video = None if args.no_video_embedder else args.embedder
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "machine": describe_machine(), "load_avg_at_start": os.getloadavg(),
                            "command": "python " + " ".join(sys.argv), "detector": args.detector,
+                           "local_threads": torch.get_num_threads(),
                            "embedder": args.embedder, "video_embedder": emb_video, "device": args.device,
                            "runs": []}
+    if args.engine_only:
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=8, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")
+        res["ray_init_s"] = round(time.perf_counter() - t0, 3)
+        res["ray_num_cpus"] = 8
+        try:
+            res["engine_scaling"] = engine_scaling([1, 2, 4, 8])
+        finally:
+            ray.shutdown()
+        text = json.dumps(res, indent=2)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         tmpd = Path(tmp)
         clips = make_clips(tmpd / "clips", args.copies, args.frames)

@@ -225,3 +225,20 @@ def test_driver_killed_mid_run_then_resume_finishes_the_rest(ray_address: str, t
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept      # finished outputs untouched
     assert sorted(p.name for p in out.glob("*.done.json")) == [f"v{i}.mp4.done.json" for i in range(6)]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _pid(state, item, progress=None):  # type: ignore[no-untyped-def]
+    return os.getpid()
+
+
+def test_kept_workers_are_reused_until_close(ray_address: str) -> None:
+    from facepipe.engine import WorkerFactory, create_engine
+
+    engine = create_engine("ray", workers=2, keep_workers=True)
+    try:
+        first = {o.value for o in engine.map(WorkerFactory(dict), _pid, list(range(6)))}
+        second = {o.value for o in engine.map(WorkerFactory(dict), _pid, list(range(6)))}
+        assert second <= first and 1 <= len(first) <= 2     # the same worker processes, models kept
+    finally:
+        engine.close()
+    assert not engine._kept

@@ -94,6 +94,9 @@ class RayEngine:
     ``cpus_per_worker`` and ``gpus_per_worker`` (``None``: 1 when GPUs are used) are
     each actor's reservation; ``threads`` the PyTorch/OpenCV threads in each (0: as
     many as its CPUs). ``max_retries``: retries of an item whose worker died.
+    ``keep_workers``: keep the actors (and their models) after a :meth:`map` for the next
+    one with the same factory and work, until :meth:`close` (benchmarks warm up this way);
+    by default each job's actors end with it.
     """
 
     name = "ray"
@@ -101,7 +104,8 @@ class RayEngine:
     def __init__(self, address: str | None = None, workers: int = 0, *, device: str = "auto",
                  cpus_per_worker: float = 1.0, gpus_per_worker: float | None = None, threads: int = 0,
                  max_retries: int = 3, queue_per_worker: int = 2, num_cpus: int | None = None,
-                 object_store_mb: int = LOCAL_OBJECT_STORE_MB, log_to_driver: bool = False) -> None:
+                 object_store_mb: int = LOCAL_OBJECT_STORE_MB, log_to_driver: bool = False,
+                 keep_workers: bool = False) -> None:
         ray = import_ray()
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -139,6 +143,8 @@ class RayEngine:
         self.max_retries = int(max_retries)
         self.queue_per_worker = max(1, int(queue_per_worker))
         self.last_actors: list[Any] = []
+        self.keep_workers = bool(keep_workers)
+        self._kept: dict[bytes, list[Any]] = {}
 
     def describe(self) -> dict[str, Any]:
         """Engine, workers and the cluster's resources."""
@@ -160,11 +166,16 @@ class RayEngine:
         if not items:
             return
         ray = import_ray()
-        n = min(self.workers, len(items))
-        actor_cls = ray.remote(_Worker).options(
-            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-            max_restarts=-1, max_task_retries=self.max_retries)
-        actors = [actor_cls.remote(factory, work, self.threads) for _ in range(n)]
+        key = ray.cloudpickle.dumps((factory, work)) if self.keep_workers else b""
+        actors = self._kept.get(key) if self.keep_workers else None
+        if not actors:
+            actor_cls = ray.remote(_Worker).options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+                max_restarts=-1, max_task_retries=self.max_retries)
+            n = self.workers if self.keep_workers else min(self.workers, len(items))
+            actors = [actor_cls.remote(factory, work, self.threads) for _ in range(n)]
+            if self.keep_workers:
+                self._kept[key] = actors
         self.last_actors = actors
         inflight: dict[Any, tuple[int, Any]] = {}
         nxt = 0
@@ -195,20 +206,30 @@ class RayEngine:
                     on_done(outcome)
                 yield outcome
         finally:
-            for a in actors:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception as exc:  # an actor already gone; nothing to release
-                    log.debug("ray.kill: %s", exc)
+            if not self.keep_workers:
+                _kill(ray, actors)
             self.last_actors = []
 
     def close(self) -> None:
-        """Shut down the Ray instance if this engine started it."""
+        """End kept workers; shut down the Ray instance if this engine started it."""
+        if self._kept:
+            ray = import_ray()
+            for actors in self._kept.values():
+                _kill(ray, actors)
+            self._kept.clear()
         if self.started_here:
             import ray
 
             ray.shutdown()
             self.started_here = False
+
+
+def _kill(ray: Any, actors: list[Any]) -> None:
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception as exc:  # an actor already gone; nothing to release
+            log.debug("ray.kill: %s", exc)
 
 
 def _describe_item(item: Any) -> str:
