@@ -12,6 +12,8 @@ TRAIN_COMMANDS: dict[str, tuple[str, str, str]] = {
                 "Train a Viola-Jones Haar cascade (OpenCV cascade XML) for faces or any object."),
     "classifier": ("facepipe.commands.train_classifier", "classifier",
                    "Train the face/non-face CNN classifier (transfer, fine-tune, scratch)."),
+    "detector": ("facepipe.commands.train_detector", "detector",
+                 "Train the single-pass CNN face detector with five landmarks."),
     "embedder": ("facepipe.commands.train_embedder", "embedder",
                  "Train the metric-learning face embedder."),
 }

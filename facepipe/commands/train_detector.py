@@ -1,0 +1,89 @@
+"""``facepipe train detector``: reproduce the shipped single-pass detector (``--detector cnn``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from facepipe.commands._common import fail, report, setup_logging, verbosity_options
+from facepipe.errors import FacepipeError
+
+
+@click.command("detector")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Development data root [$FACEPIPE_DATA or ../shared/data].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/detector"), show_default=True,
+              help="Where detector.pt, metrics.json, the resumable state and the MTCNN teacher cache go.")
+@click.option("--teacher-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="MTCNN landmark cache for LFW [OUT/cache/lfw_teacher.npz]; built on first use (~20 min).")
+@click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--canvas", type=click.IntRange(min=64), default=256, show_default=True,
+              help="Side of the composite training images.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--mine-at", "mine_at", multiple=True, type=click.IntRange(min=1),
+              help="Steps at which hard negatives are mined (repeatable) [1200, 2200].")
+@click.option("--hard-negatives", type=click.IntRange(min=0), default=1500, show_default=True,
+              help="Hard negatives mined per round.")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=0.97, show_default=True,
+              help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
+@click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,
+              help="LFW photos per training person.")
+@click.option("--train-from", type=click.IntRange(0, 7), default=7, show_default=True,
+              help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen).")
+@click.option("--classifier", default="finetune", show_default=True,
+              help="Face/non-face classifier that seeds the stride-8 trunk and head.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("--install", is_flag=True, help="Copy detector.pt into facepipe/weights/ as the shipped detector.")
+@verbosity_options
+def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
+             canvas: int, lr: float, mine_at: tuple[int, ...], hard_negatives: int, target_precision: float,
+             lfw_per_person: int, train_from: int, classifier: str, device: str, seed: int,
+             threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
+    """Train the single-pass face detector with five landmarks.
+
+    Seeds its stride-8 path from the face/non-face classifier, trains on composites
+    of LFW faces (MTCNN landmarks as the teacher) and Caltech crops pasted into
+    face-free scenes, mines hard negatives, and sets the operating threshold on
+    development images (never on the detection benchmark sets). Resumable: rerun the
+    same command after an interruption.
+    """
+    setup_logging(quiet, verbose)
+    try:
+        import torch
+
+        from facepipe.datasets import data_root
+        from facepipe.detect.fpn import resolve_detector_weights
+        from facepipe.device import validate_device_spec
+        from facepipe.io import ensure_output_dir
+        from facepipe.train.detector import DetTrainSettings, train_detector
+        from facepipe.train.detector_data import load_detector_sources, teacher_files
+        from facepipe.train.detector_teacher import build_teacher_cache
+
+        validate_device_spec(device)
+        if threads:
+            torch.set_num_threads(threads)
+        root = Path(data_dir) if data_dir is not None else data_root()
+        out = ensure_output_dir(out_dir)
+        cache = teacher_cache or out / "cache" / "lfw_teacher.npz"
+        report(f"facepipe: MTCNN teacher labels for LFW ({cache})", quiet)
+        teacher = build_teacher_cache(root, teacher_files(root, lfw_per_person), cache)
+        train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person)
+        report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
+        settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,
+                                    mine_at=tuple(mine_at) or DetTrainSettings.mine_at,
+                                    hard_per_round=hard_negatives, target_precision=target_precision,
+                                    train_from=train_from, classifier=classifier, device=device)
+        path = train_detector(train, val, out, settings, info, report=lambda m: report(f"facepipe: {m}", quiet))
+        if install:
+            dst = resolve_detector_weights("default")
+            shutil.copyfile(path, dst)
+            report(f"facepipe: installed {dst}", quiet)
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    click.echo(str(path))

@@ -1,0 +1,271 @@
+"""The single-pass FPN detector: seeding from the classifier, anchors, checkpoints, inference, training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facepipe.detect.fpn import (
+    PER_ANCHOR, DetectorConfig, FaceFPN, FPNDetector, all_anchors, decode, encode, flatten_outputs,
+    load_detector, save_detector,
+)
+from facepipe.errors import CheckpointError
+from facepipe.train.detector import DetTrainSettings, assign_targets, build_model, feature_shape
+from facepipe.train.detector_data import Canvas, hays_boxes
+
+#: MTCNN's five landmarks on skimage's astronaut (left eye, right eye, nose, mouth corners).
+ASTRONAUT_LANDMARKS = np.array([[205.0, 101.7], [246.8, 103.7], [224.7, 129.0], [201.7, 139.2], [245.3, 141.9]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads oversubscribe and run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def seeded() -> FaceFPN:
+    """The detector as training starts: classifier-seeded stride 8, ImageNet deeper blocks."""
+    torch.manual_seed(0)
+    net, _ = build_model(DetTrainSettings())
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def seeded_path(seeded: FaceFPN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_detector(tmp_path_factory.mktemp("det") / "det.pt", seeded, seeded.config, 0.62,
+                         {"rule": "test"}, {"note": "seeded, untrained"})
+
+
+def test_stride8_anchor_starts_as_the_classifier(seeded: FaceFPN) -> None:
+    """Transfer learning: before training, the seeded anchor's outputs are the classifier's windows."""
+    from facepipe.detect.cnn import load_checkpoint
+
+    clf = load_checkpoint("finetune").net.eval()
+    x = torch.randn(2, 3, 100, 84)
+    with torch.no_grad():
+        det = seeded(x)[0]
+        ref = clf(x)  # (N, 5, h-3, w-3): window (i, j) spans feature cells i..i+3
+    k = seeded.config.seed_anchor * PER_ANCHOR
+    got = det[:, k:k + 5, 1:1 + ref.shape[2], 1:1 + ref.shape[3]]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert float(det[:, k + 5:k + PER_ANCHOR].abs().max()) == 0.0  # landmark outputs start at zero
+
+
+def test_feature_shapes_and_anchor_order_match_the_network(seeded: FaceFPN) -> None:
+    cfg = seeded.config
+    with torch.no_grad():
+        outs = seeded(torch.zeros(1, 3, 77, 130))
+    shapes = [(o.shape[2], o.shape[3]) for o in outs]
+    assert shapes == [(feature_shape(77, s)[0], feature_shape(130, s)[0]) for s in cfg.strides]
+    # tag every output channel with (level, anchor, row, col) and check flatten/anchors agree
+    tagged = []
+    for lvl, (h, w) in enumerate(shapes):
+        y = torch.zeros(1, cfg.num_anchors * PER_ANCHOR, h, w)
+        for a in range(cfg.num_anchors):
+            y[0, a * PER_ANCHOR + 1] = torch.arange(w).float().view(1, w).expand(h, w)  # column
+            y[0, a * PER_ANCHOR + 2] = torch.arange(h).float().view(h, 1).expand(h, w)  # row
+            y[0, a * PER_ANCHOR + 3] = a
+            y[0, a * PER_ANCHOR + 4] = lvl
+        tagged.append(y)
+    flat = flatten_outputs(tagged, cfg.num_anchors)[0]
+    anchors = all_anchors(cfg, shapes)
+    assert flat.shape == (len(anchors), PER_ANCHOR)
+    lvl = flat[:, 4].long()
+    stride = torch.tensor(cfg.strides, dtype=torch.float32)[lvl]
+    off = torch.tensor(cfg.offsets, dtype=torch.float32)[lvl]
+    size = torch.tensor(cfg.anchors, dtype=torch.float32)[lvl, flat[:, 3].long()]
+    torch.testing.assert_close(anchors[:, 0], flat[:, 1] * stride + off)
+    torch.testing.assert_close(anchors[:, 1], flat[:, 2] * stride + off)
+    torch.testing.assert_close(anchors[:, 2], size)
+
+
+def test_encode_decode_roundtrip() -> None:
+    rng = np.random.default_rng(0)
+    anchors = torch.tensor([[50.0, 60.0, 32.0], [200.0, 100.0, 128.0]])
+    boxes = torch.tensor([[30.0, 40.0, 41.0, 47.0], [150.0, 30.0, 110.0, 140.0]])
+    lms = torch.from_numpy(rng.uniform(20, 250, (2, 5, 2))).float()
+    bt, lt = encode(boxes, lms, anchors)
+    raw = torch.cat([torch.zeros(2, 1), bt, lt], 1)
+    xyxy, lm = decode(raw, anchors)
+    torch.testing.assert_close(xyxy, torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1), atol=1e-3, rtol=0)
+    torch.testing.assert_close(lm, lms, atol=1e-3, rtol=0)
+
+
+def test_hays_box_of_the_astronaut() -> None:
+    np.testing.assert_allclose(hays_boxes(ASTRONAUT_LANDMARKS[None])[0], [162.4, 60.5, 125.3, 116.5], atol=0.2)
+
+
+def _brute_force_labels(anchors: np.ndarray, canvas: Canvas, pos: float, neg: float) -> np.ndarray:
+    def sq(b: np.ndarray) -> np.ndarray:
+        s = np.sqrt(b[2] * b[3])
+        return np.array([b[0] + b[2] / 2 - s / 2, b[1] + b[3] / 2 - s / 2, s, s])
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+        iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+        return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+    out = np.zeros(len(anchors))
+    boxes = [sq(b) for b in canvas.boxes]
+    ign = [sq(b) for b in canvas.ignore]
+    ious = np.array([[iou(np.array([cx - s / 2, cy - s / 2, s, s]), b) for b in boxes]
+                     for cx, cy, s in anchors]).reshape(len(anchors), len(boxes))
+    for i, (cx, cy, s) in enumerate(anchors):
+        a = np.array([cx - s / 2, cy - s / 2, s, s])
+        if any(iou(a, b) >= neg for b in ign):
+            out[i] = -1
+        if len(boxes):
+            m = ious[i].max()
+            if neg <= m < pos:
+                out[i] = -1
+            if m >= pos:
+                out[i] = 1
+    for j in range(len(boxes)):
+        i = int(np.argmax(ious[:, j]))
+        if ious[i, j] >= 0.15:
+            out[i] = 1
+    return out
+
+
+def test_anchor_assignment_matches_brute_force() -> None:
+    cfg = DetectorConfig()
+    shapes = [feature_shape(96, s) for s in cfg.strides]
+    anchors = all_anchors(cfg, shapes)
+    canvas = Canvas(np.zeros((96, 96, 3), np.uint8),
+                    np.array([[10.0, 12.0, 30.0, 34.0], [50.0, 40.0, 13.0, 12.0], [0.0, 0.0, 90.0, 95.0]], np.float32),
+                    np.zeros((3, 5, 2), np.float32), np.array([1.0, 0.0, 1.0], np.float32),
+                    np.array([[60.0, 60.0, 20.0, 20.0]], np.float32))
+    t = assign_targets(anchors, canvas, 0.4, 0.3)
+    ref = _brute_force_labels(anchors.numpy(), canvas, 0.4, 0.3)
+    np.testing.assert_array_equal(t["labels"].numpy(), ref)
+    assert (t["labels"] == 1).sum() >= 3  # every face has at least its best anchor
+    # landmark targets only where the face has landmarks
+    pos = t["labels"].numpy() == 1
+    assert t["lm_mask"].numpy()[pos].min() == 0.0 and t["lm_mask"].numpy()[pos].max() == 1.0
+
+
+def test_checkpoint_roundtrip_keeps_threshold_and_calibration(seeded: FaceFPN, seeded_path: Path) -> None:
+    ck = load_detector(seeded_path)
+    assert ck.threshold == pytest.approx(0.62)
+    assert ck.calibration == {"rule": "test"} and ck.meta["note"] == "seeded, untrained"
+    raw = torch.load(seeded_path, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    x = torch.randn(1, 3, 64, 64)
+    ref = FaceFPN(seeded.config, pretrained=False)
+    ref.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in seeded.state_dict().items()})
+    with torch.no_grad():
+        for a, b in zip(ck.net(x), ref.eval()(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    det = FPNDetector(seeded_path, device="cpu")
+    assert det.threshold == pytest.approx(0.62)  # the operating point comes from the checkpoint
+    assert FPNDetector(seeded_path, threshold=0.3, device="cpu").threshold == 0.3
+    assert det.describe()["calibration"] == {"rule": "test"}
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign", "mismatch", "missing", "version", "threshold"])
+def test_bad_checkpoints_raise_checkpoint_error_naming_the_file(kind: str, seeded_path: Path, tmp_path: Path) -> None:
+    p = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        p.write_bytes(b"not a checkpoint")
+    elif kind == "truncated":
+        p.write_bytes(seeded_path.read_bytes()[:1000])
+    elif kind == "foreign":
+        torch.save({"format": "something-else"}, p)
+    elif kind == "missing":
+        p = tmp_path / "nope.pt"
+    else:
+        doc = torch.load(seeded_path, map_location="cpu", weights_only=True)
+        if kind == "mismatch":
+            doc["state_dict"].pop(next(iter(doc["state_dict"])))
+        elif kind == "version":
+            doc["version"] = 99
+        else:
+            doc["threshold"] = 3.0
+        torch.save(doc, p)
+    with pytest.raises(CheckpointError) as ei:
+        load_detector(p)
+    assert p.name in str(ei.value)
+
+
+def test_batched_equals_single_and_odd_sizes(seeded_path: Path, astronaut: np.ndarray) -> None:
+    det = FPNDetector(seeded_path, threshold=0.5, device="cpu")
+    import cv2
+
+    a = cv2.resize(astronaut, (200, 180))
+    b = a[::-1].copy()
+    c = astronaut[:97, :131].copy()
+    batch = det.raw([a, b, c, a])
+    for im, got in zip([a, b, c, a], batch):
+        ref = det.raw([im])[0]
+        assert len(ref[0]) == len(got[0])
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-3)
+        np.testing.assert_allclose(got[1], ref[1], atol=1e-5)
+        np.testing.assert_allclose(got[2], ref[2], atol=1e-3)
+    for k in (1, 5):  # tiny images: no exception, a list
+        assert isinstance(det.detect(np.zeros((k, k, 3), np.uint8)), list)
+
+
+def test_detections_carry_five_landmarks(seeded_path: Path, astronaut: np.ndarray) -> None:
+    det = FPNDetector(seeded_path, threshold=0.5, device="cpu")
+    dets = det.detect(astronaut)
+    assert dets, "the classifier-seeded stride-8 head already fires on the astronaut"
+    assert all(d.landmarks is not None and len(d.landmarks) == 5 and d.detector == "cnn" for d in dets)
+    assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
+
+
+def test_invalid_options_are_value_errors(seeded_path: Path) -> None:
+    for kw in ({"threshold": 1.5}, {"min_size": 0}, {"nms_iou": 0}, {"max_pixels": 0}):
+        with pytest.raises(ValueError):
+            FPNDetector(seeded_path, device="cpu", **kw)
+
+
+def _tiny_split(astronaut: np.ndarray):
+    import cv2
+    from skimage import data
+
+    from facepipe.train.detector_data import DetSplit, FacePhoto
+
+    def small(im: np.ndarray) -> np.ndarray:  # a quarter size keeps the test fast
+        return cv2.resize(im, (im.shape[1] // 4, im.shape[0] // 4), interpolation=cv2.INTER_AREA)
+
+    lm = ASTRONAUT_LANDMARKS[None] / 4
+    photo = FacePhoto(small(astronaut), hays_boxes(lm), lm, np.zeros((0, 4)), "astronaut")
+    scenes = [small(data.coffee()), small(data.rocket())]
+    return DetSplit([photo], np.zeros((0, 36, 36), np.uint8), scenes, ["coffee", "rocket"])
+
+
+def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(astronaut: np.ndarray,
+                                                                              tmp_path: Path) -> None:
+    from facepipe.detect.fpn import flatten_outputs
+    from facepipe.train.detector import batch_tensors, detection_loss, train_detector
+    from facepipe.train.detector_data import CompositeSampler
+
+    split = _tiny_split(astronaut)
+    settings = DetTrainSettings(steps=12, batch_size=4, canvas=96, lr=3e-3, lr_backbone=1e-3, warmup=1,
+                                mine_at=(6,), hard_per_round=20, mine_photos=1, dev_composites=3, dev_canvas=96,
+                                log_every=3, save_every=5, device="cpu")
+    fixed = CompositeSampler(split, 96, seed=99, augment=False).batch(8)
+
+    def loss_of(net: FaceFPN) -> float:
+        net.eval()
+        x, targets, _ = batch_tensors(fixed, net, net.config, torch.device("cpu"), settings)
+        with torch.no_grad():
+            return float(detection_loss(flatten_outputs(net(x), net.config.num_anchors), targets)["loss"])
+
+    torch.manual_seed(0)
+    before = loss_of(build_model(settings)[0])
+    path = train_detector(split, split, tmp_path / "run", settings, {"test": True}, report=lambda m: None)
+    ck = load_detector(path)
+    after = loss_of(ck.net)
+    assert after < before, (before, after)
+    assert 0.0 <= ck.threshold <= 1.0 and "rule" in ck.calibration
+    assert ck.meta["steps"] == 12 and ck.meta["init"]["stride8_trunk_and_head"].startswith("face_classifier")
+    assert not (tmp_path / "run" / "state.pt").exists()  # the resumable state is removed when done
+    FPNDetector(path, device="cpu").detect(astronaut)
