@@ -32,6 +32,8 @@ from facepipe.errors import FacepipeError
               help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
 @click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,
               help="LFW photos per training person.")
+@click.option("--lfw-people", type=click.IntRange(min=1), default=None,
+              help="Only the first N LFW people in alphabetical order (all by default; a CPU budget).")
 @click.option("--train-from", type=click.IntRange(0, 7), default=7, show_default=True,
               help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen).")
 @click.option("--classifier", default="finetune", show_default=True,
@@ -43,7 +45,7 @@ from facepipe.errors import FacepipeError
 @verbosity_options
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
              canvas: int, lr: float, mine_at: tuple[int, ...], hard_negatives: int, target_precision: float,
-             lfw_per_person: int, train_from: int, classifier: str, device: str, seed: int,
+             lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
     """Train the single-pass face detector with five landmarks.
 
@@ -72,8 +74,9 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         out = ensure_output_dir(out_dir)
         cache = teacher_cache or out / "cache" / "lfw_teacher.npz"
         report(f"facepipe: MTCNN teacher labels for LFW ({cache})", quiet)
-        teacher = build_teacher_cache(root, teacher_files(root, lfw_per_person), cache)
+        teacher = build_teacher_cache(root, teacher_files(root, lfw_per_person, max_people=lfw_people), cache)
         train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person)
+        info["lfw_people_considered"] = lfw_people or "all"
         report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
         settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,
                                     mine_at=tuple(mine_at) or DetTrainSettings.mine_at,

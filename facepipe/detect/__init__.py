@@ -46,11 +46,36 @@ def _cnn(**kwargs: Any) -> Detector:
     return CNNDetector(**kwargs)
 
 
+@register_detector("cnn-pyramid")
+def _cnn_pyramid(**kwargs: Any) -> Detector:
+    """The first CNN detector: the face/non-face classifier slid over an image pyramid."""
+    from facepipe.detect.cnn import CNNDetector
+
+    det = CNNDetector(**kwargs)
+    det.name = "cnn-pyramid"
+    return det
+
+
 @register_detector("haar+cnn")
 def _haar_cnn(**kwargs: Any) -> Detector:
     from facepipe.detect.cnn import HaarCNNDetector
 
     return HaarCNNDetector(**kwargs)
+
+
+def _register_peers() -> None:
+    """Reference peers, registered only when their optional packages are installed."""
+    from facepipe.detect.retinaface_peer import retinaface_available
+
+    if retinaface_available():
+        @register_detector("retinaface")
+        def _retinaface(**kwargs: Any) -> Detector:
+            from facepipe.detect.retinaface_peer import RetinaFaceDetector
+
+            return RetinaFaceDetector(**kwargs)
+
+
+_register_peers()
 
 
 def available_detectors() -> list[str]:

@@ -120,13 +120,18 @@ def validation_people(people: Sequence[str], val_fraction: float = 0.2, seed: in
     return set(val)
 
 
-def teacher_files(data: Path, train_per_person: int = 4, val_per_person: int = 2) -> list[tuple[str, str]]:
+def teacher_files(data: Path, train_per_person: int = 4, val_per_person: int = 2,
+                  max_people: int | None = None) -> list[tuple[str, str]]:
     """The LFW photos the teacher labels: up to ``train_per_person`` per training person and
-    ``val_per_person`` per held-out person (those are for threshold calibration and landmark error)."""
+    ``val_per_person`` per held-out person (those are for threshold calibration and landmark error);
+    ``max_people``: only the first people in alphabetical order (a CPU budget)."""
     from facepipe.train.detector_teacher import lfw_files
 
     files = lfw_files(data)
     val = validation_people([p for _, p in files])
+    if max_people is not None:
+        keep = set(sorted({p for _, p in files})[:max_people])
+        files = [(f, p) for f, p in files if p in keep]
     count: dict[str, int] = {}
     out = []
     for rel, person in files:
