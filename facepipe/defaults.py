@@ -62,6 +62,11 @@ TOP_K = 1
 #: (tolerance ``1 − THRESHOLD`` in distance units).
 THRESHOLD = 0.5
 
+#: Target false-positive identification rate of a new gallery (``enroll --fpir``): the
+#: threshold is derived from the embedder's shipped impostor model so that about this
+#: share of people who are not enrolled is named as someone, whatever the gallery's size.
+TARGET_FPIR = 0.01
+
 #: Ambiguity rule (``--min-margin``): a best match whose similarity beats the
 #: runner-up person by less than this is reported as unknown. 0 disables the rule.
 MIN_MARGIN = 0.0
@@ -116,9 +121,12 @@ def table() -> list[Default]:
                                                     "smaller faces are reported, not identified"),
         Default("--cascade", CASCADE, "Haar cascade of haar and haar+cnn"),
         Default("--top-k", TOP_K, "candidates listed per face by identify"),
+        Default("--fpir", TARGET_FPIR, "target false-positive identification rate of a new gallery: its "
+                                       "threshold comes from the embedder's impostor model and follows the "
+                                       "gallery's size; `gallery calibrate` refines it"),
         Default("--tolerance", f"{similarity_to_distance(THRESHOLD):g}",
-                "distance (1 − cosine similarity) at or below which a new, uncalibrated gallery "
-                "names a face; `gallery calibrate` sets each gallery's own"),
+                "distance (1 − cosine similarity) at or below which a gallery names a face when its "
+                "embedder ships no impostor model and it was never calibrated"),
         Default("--min-margin", MIN_MARGIN, "similarity lead over the runner-up a name needs "
                                             "(0: no ambiguity rule)"),
     ]

@@ -35,6 +35,18 @@ def embedder_record(embedder: Any) -> tuple[str, str | None, dict[str, Any]]:
     return embedder.embedder_id, sha, describe
 
 
+def describe_threshold(g: Any) -> str:
+    """One phrase for summaries: the threshold in force and where it came from."""
+    op = g.operating_point()
+    head = f"threshold {op['threshold']:.4f} (tolerance {op['tolerance']:.4f})"
+    if op["mode"] == "auto":
+        unit = "vectors" if op["aggregation"] == "max" else "people"
+        return f"{head} for FPIR {op['target_fpir']:g} over {op['n_comparisons']} enrolled {unit} (automatic)"
+    if op["mode"] == "calibrated":
+        return f"{head} calibrated for FPIR {op['target_fpir']:g}" if op["target_fpir"] else f"{head} (calibrated)"
+    return f"{head} ({op['mode']})"
+
+
 def embed_one_face(pipe: Any, path: Path) -> np.ndarray:
     """The unit embedding of the largest face in an enrolment photo.
 
@@ -122,16 +134,21 @@ class _EnrollCommand(click.Command):
                    "nlist=1024, nprobe=64 (ivf). Repeatable.")
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="New gallery: a person's score is the max, or the mean of the top 3, of their vectors' scores.")
+@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Target false-positive identification rate (share of people who are not enrolled that "
+                   "may be named as someone); the threshold is derived from the embedder's impostor model "
+                   f"and re-derived as people are enrolled [{defaults.TARGET_FPIR}].")
 @click.option("--threshold", type=FiniteFloat(-1.0, 1.0), default=None,
-              help=f"New gallery: acceptance threshold (cosine similarity, = 1 − tolerance) until calibrated "
-                   f"[{defaults.THRESHOLD}].")
+              help="New gallery: a fixed acceptance threshold (cosine similarity, = 1 − tolerance) instead "
+                   "of the automatic one.")
 @click.option("--commit-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Commit a new gallery generation after this many embedded photos.")
 @model_options(gallery_aware=True)
 @engine_options
 @verbosity_options
 def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: Path | None, replace: bool,
-           index_type: str, index_params: tuple[str, ...], aggregation: str, threshold: float | None, commit_every: int,
+           index_type: str, index_params: tuple[str, ...], aggregation: str, fpir: float | None,
+           threshold: float | None, commit_every: int,
            detector_name: str | None, embedder_name: str | None, device: str | None, min_detect_size: int | None,
            min_embed_size: int, engine_name: str, ray_address: str | None, ray_workers: int,
            quiet: bool, verbose: int) -> None:
@@ -146,7 +163,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     """
     from facepipe.engine import WorkerFactory
     from facepipe.engine.work import largest_face_embedding, map_images
-    from facepipe.gallery import Gallery, check_name, sha256_file
+    from facepipe.gallery import Gallery, check_name, impostor_model_for, sha256_file
     from facepipe.io import iter_inputs, path_problem
 
     setup_logging(quiet, verbose)
@@ -225,9 +242,14 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
     t0 = time.perf_counter()
     added = 0
     new_people: set[str] = set()
+    model = impostor_model_for(pipe.embedder)
+    if model is None and threshold is None and (existing is None or existing.mode == "default"):
+        report(f"facepipe: warning: the embedder {emb_id} ships no impostor model, so the gallery keeps the "
+               f"fixed threshold {defaults.THRESHOLD} (tolerance {1 - defaults.THRESHOLD:g}) whatever its size; "
+               "run `facepipe gallery calibrate` after enrolling", quiet)
     create_kw = dict(dim=pipe.embedder.dim, embedder_sha256=emb_sha, index_type=index_type, params=params,
-                     aggregation=aggregation,
-                     threshold=defaults.THRESHOLD if threshold is None else threshold)
+                     aggregation=aggregation, threshold=threshold,
+                     impostor_model=model if threshold is None else None, target_fpir=fpir)
     bar = progress_bar(len(todo), "enroll", quiet, unit="img")
     pending: list[tuple[EnrolItem, np.ndarray]] = []
 
@@ -247,6 +269,11 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
                       sources=[os.fspath(it.path) for it, _ in fresh],
                       hashes=[it.sha256 for it, _ in fresh])
             new_people.update(set(g.people()) - before)
+            if threshold is None and model is not None and g.mode in ("default", "auto"):
+                # a gallery made before impostor models (or by an older record) goes automatic
+                g.use_impostor_model(model, fpir)
+            elif fpir is not None and g.mode == "auto" and g.impostor_model is not None:
+                g.use_impostor_model(g.impostor_model, fpir)
             return len(fresh)
 
     first = True
@@ -277,5 +304,11 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
         raise fail(exc) from exc
     report(f"facepipe: enrolled {added} photo(s) ({len(new_people)} new people), "
            f"{skipped_known} already enrolled, {tally.failed} failed, {time.perf_counter() - t0:.1f}s; "
-           f"gallery has {len(final.people())} people / {len(final)} vectors", quiet)
+           f"gallery has {len(final.people())} people / {len(final)} vectors; {describe_threshold(final)}", quiet)
+    if final.mode == "calibrated":
+        was = int(final.manifest["decision"].get("calibration", {}).get("n_comparisons") or 0)
+        if was and final.n_comparisons >= 2 * was:
+            report(f"facepipe: warning: the threshold was calibrated for {was} comparisons and the gallery now "
+                   f"has {final.n_comparisons}: more people, more chances of a false match; re-run "
+                   "`facepipe gallery calibrate` (or `--auto`)", quiet)
     raise SystemExit(tally.exit_code)

@@ -103,35 +103,52 @@ def _probe_items(root: Path, max_per_person: int | None) -> dict[str, list[Path]
 
 @gallery.command("calibrate")
 @_gallery_option
-@click.option("--fpir", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.01, show_default=True,
-              help="Target false-positive identification rate on the impostor probes.")
-@click.option("--genuine", "genuine_root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="ROOT/<person>/<images>: held-out photos of enrolled people "
-                                 "(photos that are themselves enrolled are left out).")
-@click.option("--impostors", "impostor_root", required=True,
+@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="Target false-positive identification rate: the share of people who are not enrolled "
+                   "that may be named as someone [the gallery's target, else facepipe's default].")
+@click.option("--impostors", "impostor_root", default=None,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="ROOT/<person>/<images> (or a folder of images) of people who are NOT enrolled.")
+              help="Optional: ROOT/<person>/<images> (or a folder of images) of people who are NOT enrolled.")
+@click.option("--genuine", "genuine_root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Optional: ROOT/<person>/<images>: more photos of enrolled people "
+                                 "(photos that are themselves enrolled are left out).")
 @click.option("--max-per-person", type=click.IntRange(min=1), default=None,
               help="Use at most this many photos per person.")
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default=None,
               help="Switch the gallery's per-person aggregation before calibrating.")
+@click.option("--auto", "auto", is_flag=True,
+              help="Go back to the threshold derived from the embedder's impostor model for --fpir, "
+                   "re-derived as people are enrolled (the default for a new gallery).")
 @click.option("--dry-run", is_flag=True, help="Report the threshold without storing it.")
 @model_options(gallery_aware=True)
 @verbosity_options
-def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, impostor_root: Path,
-              max_per_person: int | None, aggregation: str | None, dry_run: bool,
+def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None, genuine_root: Path | None,
+              max_per_person: int | None, aggregation: str | None, auto: bool, dry_run: bool,
               detector_name: str | None, embedder_name: str | None, device: str | None,
               min_detect_size: int | None, min_embed_size: int, quiet: bool, verbose: int) -> None:
-    """Choose the acceptance threshold at a target FPIR and store it in the manifest.
+    """Choose the acceptance threshold for a target FPIR from the evidence at hand.
 
-    The threshold is the lowest score at which at most FPIR of the impostor probes
-    (people not enrolled) would be accepted as someone. With --genuine, the
-    detection-and-identification rate (DIR: right person and accepted) of held-out
-    photos of enrolled people is reported at that threshold too. Prints a JSON summary.
+    Works from what a gallery already holds: every enrolled photo is left out in
+    turn and searched against the rest (leave one out). Against the *other* people it
+    is a stranger with a look-alike face (impostor evidence from your own photos);
+    against the person's other photos it shows how many of your people would still
+    be recognised (DIR: right name and accepted). The embedder's shipped impostor
+    model covers what a small gallery cannot resolve. --impostors (photos of people
+    who are not enrolled) and --genuine (more photos of enrolled people) add
+    evidence. The threshold, the rule that chose it and every count are stored in
+    the manifest and printed as JSON; thin evidence is reported as a WARNING.
     """
-    from facepipe.gallery import Gallery, calibrate_threshold, sha256_file
+    from facepipe.gallery import DEFAULT_TARGET_FPIR, Gallery, sha256_file
+    from facepipe.gallery.evidence import choose_threshold, leave_one_out
+    from facepipe.gallery.openset import impostor_model_for
 
     setup_logging(quiet, verbose)
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        click.echo(f"facepipe: WARNING: {msg}", err=True)  # shown also with --quiet: it changes the answer
+
     try:
         g = Gallery.open(gallery_dir)
         if len(g) == 0:
@@ -140,14 +157,42 @@ def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, imposto
             Gallery.check_editable(gallery_dir, create=False)  # before the work, not after it
         if aggregation is not None:
             g.manifest["decision"]["aggregation"] = aggregation
-        pipe = build_pipeline(detector_name, embedder_name or gallery_embedder(g), device, min_embed_size,
-                              largest_only=True, min_detect_size=min_detect_size)
-        g.check_embedder(pipe.embedder.embedder_id)
+        target = fpir if fpir is not None else (g.target_fpir or DEFAULT_TARGET_FPIR)
+        need_photos = impostor_root is not None or genuine_root is not None
+        model = g.impostor_model
+        pipe = None
+        if need_photos or model is None:
+            pipe = build_pipeline(detector_name, embedder_name or gallery_embedder(g), device, min_embed_size,
+                                  largest_only=True, min_detect_size=min_detect_size)
+            g.check_embedder(pipe.embedder.embedder_id)
+            model = impostor_model_for(pipe.embedder) or model
         enrolled = g.people()
-        imp_people = _probe_items(impostor_root, max_per_person)
+        imp_people = _probe_items(impostor_root, max_per_person) if impostor_root else {}
         gen_people = _probe_items(genuine_root, max_per_person) if genuine_root else {}
     except FacepipeError as exc:
         raise fail(exc) from exc
+    method, agg_n = g.aggregation
+    t0 = time.perf_counter()
+
+    if auto:
+        if model is None:
+            raise fail(f"{gallery_dir}: the embedder {g.embedder_id} ships no impostor model, so there is no "
+                       "automatic threshold; calibrate with --impostors instead")
+        record_auto = {"stored": not dry_run, "mode": "auto", "target_fpir": target}
+        if not dry_run:
+            try:
+                with Gallery.edit(gallery_dir, embedder_id=g.embedder_id, create=False) as ge:
+                    ge.use_impostor_model(model, target, aggregation=aggregation)
+                    op = ge.operating_point()
+            except FacepipeError as exc:
+                raise fail(exc) from exc
+        else:
+            op = {"threshold": model.threshold_for_fpir(target, g.n_comparisons), "n_comparisons": g.n_comparisons}
+        click.echo(json.dumps({**record_auto, **op}, indent=2))
+        report(f"facepipe: threshold {op['threshold']:.4f} (tolerance {1 - op['threshold']:.4f}) derived from the "
+               f"embedder's impostor model for FPIR {target:g} over {op['n_comparisons']} comparisons; "
+               "re-derived as people are enrolled", quiet)
+        return
 
     clash = sorted(set(imp_people) & set(enrolled))
     if clash:
@@ -160,11 +205,14 @@ def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, imposto
                "not enrolled: " + ", ".join(not_enrolled[:5]) + (" ..." if len(not_enrolled) > 5 else ""), quiet)
         gen_people = {k: v for k, v in gen_people.items() if k in enrolled}
 
+    # 1. the enrolled photos themselves, left out one at a time
+    loo = leave_one_out(g.vectors(), g.person_index(), method, agg_n)
+
+    # 2. photos given on the command line
     jobs = [(name, p, True) for name, ps in gen_people.items() for p in ps] + \
            [(name, p, False) for name, ps in imp_people.items() for p in ps]
     gen_vecs, gen_names, imp_vecs = [], [], []
     excluded = failed = 0
-    t0 = time.perf_counter()
     for name, path, is_gen in progress(jobs, total=len(jobs), desc="calibrate", quiet=quiet, unit="img"):
         try:
             if is_gen and g.has_source(name, sha256_file(path)):
@@ -185,34 +233,73 @@ def calibrate(gallery_dir: Path, fpir: float, genuine_root: Path | None, imposto
             gen_names.append(name)
         else:
             imp_vecs.append(v)
-    if not imp_vecs:
-        raise fail(f"{impostor_root}: no impostor face could be embedded; cannot calibrate")
+    if imp_people and not imp_vecs:
+        warn(f"{impostor_root}: no impostor face could be embedded")
     dim = g.dim
     gs, gc, isc = g.calibration_scores(np.asarray(gen_vecs).reshape(-1, dim), gen_names,
                                        np.asarray(imp_vecs).reshape(-1, dim))
-    cal = calibrate_threshold(isc, fpir, gs if len(gs) else None, gc if len(gs) else None)
-    method, agg_n = g.aggregation
+    impostor = np.concatenate([loo.impostor_scores, isc])
+    genuine = np.concatenate([loo.genuine_scores, gs])
+    correct = np.concatenate([loo.genuine_correct, gc])
+    try:
+        choice = choose_threshold(target, g.n_comparisons, model, impostor)
+    except ValueError as exc:
+        raise fail(f"{gallery_dir}: {exc}") from exc
+    for w in choice.warnings:
+        warn(w)
+    t = choice.threshold
+    n_gen = int(genuine.size)
+    dir_rate = float(((genuine >= t) & correct).mean()) if n_gen else None
+    observed = float((impostor >= t).mean()) if impostor.size else None
+    if model is None:
+        warn(f"the embedder {g.embedder_id} ships no impostor model: the threshold rests on your "
+             f"{impostor.size} impostor probes alone")
+    if n_gen == 0:
+        warn("no genuine evidence: no enrolled person has two or more photos and no --genuine photos were "
+             "given, so DIR (how many of your people are still recognised) cannot be estimated; enrol 2-3 "
+             "photos per person")
+    elif n_gen < 20:
+        warn(f"only {n_gen} genuine probes: the DIR estimate is rough (enrol 2-3 photos per person)")
+    if observed is not None and impostor.size >= 20:
+        from scipy.stats import binom
+
+        k = int((impostor >= t).sum())
+        if k and binom.sf(k - 1, impostor.size, target) < 0.01:
+            warn(f"at this threshold {k} of your {impostor.size} impostor probes ({observed:.1%}) are taken for "
+                 f"someone, well above the target {target:g}: your photos look more alike than the development "
+                 "data; give more photos of strangers with --impostors or choose a smaller --fpir")
+    expected = None if model is None else float(model.expected_fpir(t, g.n_comparisons))
     record = {
-        "method": "fpir", **cal.to_dict(),
-        "rank1": float(gc.mean()) if len(gc) else None,
-        "n_impostor_people": len(imp_people), "n_genuine_people": len({*gen_names}),
-        "impostors": str(impostor_root), "genuine": str(genuine_root) if genuine_root else None,
-        "excluded_enrolled_photos": excluded, "failed_photos": failed,
-        "aggregation": method, "aggregation_n": agg_n,
+        "method": "fpir", "rule": choice.rule, "threshold": t, "tolerance": 1.0 - t, "target_fpir": target,
+        "expected_fpir": expected, "observed_fpir": observed, "dir": dir_rate,
+        "rank1": float(correct.mean()) if n_gen else None,
+        "model_threshold": choice.model_threshold, "data_threshold": choice.data_threshold,
+        "n_impostor": int(impostor.size), "n_genuine": n_gen,
+        "evidence": {
+            "leave_one_out": {"impostor_probes": int(loo.impostor_scores.size),
+                              "genuine_probes": int(loo.genuine_scores.size),
+                              "people_with_two_or_more_photos": loo.n_people_with_two},
+            "impostors": {"folder": str(impostor_root) if impostor_root else None, "people": len(imp_people),
+                          "probes": int(isc.size)},
+            "genuine": {"folder": str(genuine_root) if genuine_root else None, "people": len({*gen_names}),
+                        "probes": int(gs.size), "excluded_enrolled_photos": excluded},
+            "impostor_model": None if model is None else {"people": model.n_people, "pairs": model.n_pairs},
+            "failed_photos": failed,
+        },
+        "n_comparisons": g.n_comparisons, "aggregation": method, "aggregation_n": agg_n,
         "embedder_id": g.embedder_id, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "warnings": warnings,
     }
-    if cal.n_impostor * fpir < 1:
-        report(f"facepipe: warning: {cal.n_impostor} impostor probes cannot resolve FPIR {fpir}; "
-               f"the threshold only rejects every impostor seen (use at least {int(np.ceil(1 / max(fpir, 1e-9)))})",
-               quiet)
     if not dry_run:
         try:
             with Gallery.edit(gallery_dir, embedder_id=g.embedder_id, create=False) as ge:
-                ge.set_threshold(cal.threshold, record, aggregation=aggregation)
+                if model is not None and ge.impostor_model is None:
+                    ge.manifest["decision"]["impostor_model"] = model.to_dict()
+                ge.set_threshold(t, record, aggregation=aggregation, target_fpir=target)
         except FacepipeError as exc:
             raise fail(exc) from exc
     click.echo(json.dumps({"stored": not dry_run, **record}, indent=2))
-    report(f"facepipe: threshold {cal.threshold:.4f} at FPIR {cal.fpir:.4f} (target {fpir}) from "
-           f"{cal.n_impostor} impostor and {cal.n_genuine} genuine probes"
-           + (f", DIR {cal.dir:.3f}" if cal.dir is not None else "")
+    report(f"facepipe: threshold {t:.4f} (tolerance {1 - t:.4f}) for FPIR {target:g} by {choice.rule}; "
+           f"{impostor.size} impostor and {n_gen} genuine probes"
+           + (f", DIR {dir_rate:.3f}" if dir_rate is not None else ", DIR unknown")
            + f", {time.perf_counter() - t0:.1f}s", quiet)

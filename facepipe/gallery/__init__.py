@@ -7,6 +7,9 @@ One module per concern:
 - :mod:`facepipe.gallery.index`: building and searching FAISS indexes (flat, IVF, HNSW,
   GPU copies);
 - :mod:`facepipe.gallery.decision`: the open-set decision and threshold calibration;
+- :mod:`facepipe.gallery.openset`: impostor models shipped with embedders, thresholds
+  for a target FPIR that account for the gallery's size;
+- :mod:`facepipe.gallery.evidence`: leave-one-out evidence from the enrolled vectors;
 - :mod:`facepipe.gallery.names`: the person-name rule;
 - :mod:`facepipe.gallery.core`: :class:`Gallery`, which ties them together.
 
@@ -17,15 +20,17 @@ from __future__ import annotations
 
 from facepipe.gallery.core import Gallery
 from facepipe.gallery.decision import (
-    AGGREGATIONS, DEFAULT_THRESHOLD, Calibration, Decision, calibrate_threshold, dir_fpir_curve,
+    AGGREGATIONS, DEFAULT_TARGET_FPIR, DEFAULT_THRESHOLD, MODES, Calibration, Decision, calibrate_threshold,
+    dir_fpir_curve,
 )
 from facepipe.gallery.index import AUTO_HNSW_FROM, DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors
 from facepipe.gallery.names import RESERVED_NAMES, UNKNOWN, check_name
+from facepipe.gallery.openset import ImpostorModel, impostor_model_for
 from facepipe.gallery.storage import FORMAT, LABELS_FORMAT, LOCK_FILE, MANIFEST, sha256_file
 
 __all__ = [
-    "AGGREGATIONS", "AUTO_HNSW_FROM", "DEFAULT_PARAMS", "DEFAULT_THRESHOLD", "FORMAT", "INDEX_TYPES",
-    "LABELS_FORMAT", "LOCK_FILE", "MANIFEST", "RESERVED_NAMES", "UNKNOWN",
-    "Calibration", "Decision", "Gallery",
+    "AGGREGATIONS", "AUTO_HNSW_FROM", "DEFAULT_PARAMS", "DEFAULT_TARGET_FPIR", "DEFAULT_THRESHOLD", "FORMAT",
+    "INDEX_TYPES", "LABELS_FORMAT", "LOCK_FILE", "MANIFEST", "MODES", "RESERVED_NAMES", "UNKNOWN",
+    "Calibration", "Decision", "Gallery", "ImpostorModel", "impostor_model_for",
     "build_index", "calibrate_threshold", "check_name", "check_vectors", "dir_fpir_curve", "sha256_file",
 ]

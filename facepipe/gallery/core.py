@@ -16,11 +16,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from facepipe.errors import GalleryError, ShapeError
-from facepipe.gallery.decision import AGGREGATIONS, DEFAULT_THRESHOLD, Decision
+from facepipe.gallery.decision import AGGREGATIONS, DEFAULT_TARGET_FPIR, DEFAULT_THRESHOLD, MODES, Decision
 from facepipe.gallery.index import (
     DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors, gpu_search_index, resolve_kind,
 )
 from facepipe.gallery.names import UNKNOWN, check_name
+from facepipe.gallery.openset import ImpostorModel, comparisons
 from facepipe.gallery.storage import (
     LABELS_FORMAT, MANIFEST, Lock, check_writable, new_manifest, read_snapshot, refuse_orphans,
     write_generation,
@@ -56,6 +57,7 @@ class Gallery:
         self._next_id = next_id
         self._dirty = False
         self._rebuild_needed = False
+        self._impostor_model: ImpostorModel | None = None
         self._search_index: Any = None   # GPU copy (searched with internal positions)
         self._search_kind = "cpu"
         self._refresh_people()
@@ -81,6 +83,55 @@ class Gallery:
     def threshold(self) -> float:
         """The open-set acceptance threshold (cosine similarity)."""
         return float(self.manifest["decision"]["threshold"])
+
+    @property
+    def mode(self) -> str:
+        """How the threshold is set: ``auto`` (derived from the embedder's impostor model for
+        the target FPIR, re-derived on every change), ``calibrated`` (``gallery calibrate``),
+        ``manual`` (given by the user) or ``default`` (the fixed default, no model)."""
+        d = self.manifest["decision"]
+        if "mode" in d:
+            return str(d["mode"])
+        return "calibrated" if d.get("calibration", {}).get("method") == "fpir" else "default"
+
+    @property
+    def target_fpir(self) -> float | None:
+        """The false-positive identification rate the threshold aims at (``None``: no target)."""
+        t = self.manifest["decision"].get("target_fpir")
+        return None if t is None else float(t)
+
+    @property
+    def impostor_model(self) -> ImpostorModel | None:
+        """The embedder's impostor model stored in the manifest (``None`` without one)."""
+        rec = self.manifest["decision"].get("impostor_model")
+        if rec is None:
+            return None
+        if self._impostor_model is None:
+            try:
+                self._impostor_model = ImpostorModel.from_dict(rec)
+            except ValueError as exc:
+                raise GalleryError(self.directory / MANIFEST, f"bad impostor model in the manifest ({exc})") from exc
+        return self._impostor_model
+
+    @property
+    def n_comparisons(self) -> int:
+        """The chances a stranger's probe has to be falsely matched: enrolled vectors
+        (``max`` aggregation) or people (``mean``), at least 1."""
+        return comparisons(self.aggregation[0], len(self), len(self.people()))
+
+    def operating_point(self) -> dict[str, Any]:
+        """The decision rule in force, for outputs: ``threshold`` (similarity), ``tolerance``
+        (``1 − threshold``), ``mode``, ``target_fpir``, ``n_comparisons`` and, when the gallery
+        has an impostor model, ``expected_fpir`` (the model's estimate at this threshold)."""
+        model = self.impostor_model
+        n = self.n_comparisons
+        out: dict[str, Any] = {
+            "threshold": round(self.threshold, 6), "tolerance": round(1.0 - self.threshold, 6),
+            "mode": self.mode, "target_fpir": self.target_fpir, "n_comparisons": n,
+            "aggregation": self.aggregation[0],
+            "expected_fpir": None if model is None else round(model.expected_fpir(self.threshold, n), 6),
+        }
+        return out
 
     @property
     def aggregation(self) -> tuple[str, int]:
@@ -142,8 +193,9 @@ class Gallery:
 
     @classmethod
     def _new(cls, directory: Path, dim: int, embedder_id: str, embedder_sha256: str | None,
-             index_type: str, params: dict[str, dict[str, int]] | None, threshold: float,
-             aggregation: str, aggregation_n: int) -> "Gallery":
+             index_type: str, params: dict[str, dict[str, int]] | None, threshold: float | None,
+             aggregation: str, aggregation_n: int, impostor_model: ImpostorModel | dict[str, Any] | None = None,
+             target_fpir: float | None = None) -> "Gallery":
         if index_type not in INDEX_TYPES:
             raise GalleryError(directory, f"unknown index type {index_type!r}; valid: {', '.join(INDEX_TYPES)}")
         if aggregation not in AGGREGATIONS:
@@ -161,13 +213,20 @@ class Gallery:
         else:
             index, _ = build_index(kind, dim, np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
                                    all_params[kind])
+        if threshold is not None:
+            mode, note = "manual", "threshold given when the gallery was created"
+        else:
+            mode, note = "default", "fixed default: the embedder has no impostor model; run facepipe gallery calibrate"
         decision = {
             "aggregation": aggregation, "aggregation_n": int(aggregation_n),
-            "threshold": float(threshold),
-            "calibration": {"method": "default", "note": "not calibrated; run facepipe gallery calibrate"},
+            "threshold": float(DEFAULT_THRESHOLD if threshold is None else threshold),
+            "mode": mode, "target_fpir": None,
+            "calibration": {"method": mode, "note": note},
         }
         manifest = new_manifest(embedder_id, embedder_sha256, dim, index_type, kind, all_params, decision)
         g = cls(directory, manifest, index, np.zeros(0, np.int64), np.zeros(0, np.int32), [], [], [], 0)
+        if impostor_model is not None and threshold is None:
+            g.use_impostor_model(impostor_model, target_fpir)
         g._dirty = True
         return g
 
@@ -175,13 +234,19 @@ class Gallery:
     def create(cls, directory: str | os.PathLike[str], dim: int, embedder_id: str,
                embedder_sha256: str | None = None, index_type: str = "auto",
                params: dict[str, dict[str, int]] | None = None,
-               threshold: float = DEFAULT_THRESHOLD, aggregation: str = "max",
-               aggregation_n: int = 3) -> "Gallery":
-        """Create an empty gallery directory; refuses one that already has a manifest."""
+               threshold: float | None = None, aggregation: str = "max",
+               aggregation_n: int = 3, impostor_model: ImpostorModel | dict[str, Any] | None = None,
+               target_fpir: float | None = None) -> "Gallery":
+        """Create an empty gallery directory; refuses one that already has a manifest.
+
+        The threshold: ``threshold`` when given (mode ``manual``); else derived from
+        ``impostor_model`` for ``target_fpir`` (mode ``auto``); else the fixed default.
+        """
         d = Path(directory)
         with cls.edit(d, embedder_id=embedder_id, dim=dim, embedder_sha256=embedder_sha256,
                       index_type=index_type, params=params, threshold=threshold,
-                      aggregation=aggregation, aggregation_n=aggregation_n, create="only") as g:
+                      aggregation=aggregation, aggregation_n=aggregation_n, create="only",
+                      impostor_model=impostor_model, target_fpir=target_fpir) as g:
             pass
         return g
 
@@ -212,15 +277,18 @@ class Gallery:
     def edit(cls, directory: str | os.PathLike[str], embedder_id: str | None = None,
              dim: int | None = None, embedder_sha256: str | None = None,
              index_type: str = "auto", params: dict[str, dict[str, int]] | None = None,
-             threshold: float = DEFAULT_THRESHOLD, aggregation: str = "max", aggregation_n: int = 3,
-             create: bool | str = True, lock_timeout: float = 600.0) -> Iterator["Gallery"]:
+             threshold: float | None = None, aggregation: str = "max", aggregation_n: int = 3,
+             create: bool | str = True, lock_timeout: float = 600.0,
+             impostor_model: ImpostorModel | dict[str, Any] | None = None,
+             target_fpir: float | None = None) -> Iterator["Gallery"]:
         """Change a gallery under an exclusive lock; commits a new generation on success.
 
         The latest generation is loaded *after* the lock is taken, so concurrent
         writers see each other's changes. ``create=True`` makes a new gallery (with
         ``dim``, ``embedder_id`` and the other settings) when the directory has none;
         ``create="only"`` refuses an existing one. An exception inside the block
-        discards every change.
+        discards every change. ``threshold``, ``impostor_model`` and ``target_fpir``
+        set a new gallery's decision rule (see :meth:`create`).
         """
         d = Path(directory)
         if d.exists() and not d.is_dir():
@@ -252,7 +320,7 @@ class Gallery:
                 if dim is None or not embedder_id:
                     raise GalleryError(d, "a new gallery needs the embedder id and vector dimension")
                 g = cls._new(d, dim, embedder_id, embedder_sha256, index_type, params,
-                             threshold, aggregation, aggregation_n)
+                             threshold, aggregation, aggregation_n, impostor_model, target_fpir)
             yield g
             if g._dirty:
                 g._commit()
@@ -356,8 +424,24 @@ class Gallery:
         self._refresh_people()
 
     def set_threshold(self, threshold: float, calibration: dict[str, Any],
-                      aggregation: str | None = None, aggregation_n: int | None = None) -> None:
-        """Store a threshold and its provenance (only inside :meth:`edit`)."""
+                      aggregation: str | None = None, aggregation_n: int | None = None,
+                      mode: str = "calibrated", target_fpir: float | None = None) -> None:
+        """Store a fixed threshold and its provenance (only inside :meth:`edit`).
+
+        ``mode`` is ``calibrated`` (chosen from data) or ``manual`` (given by a user);
+        either way the threshold stays as it is when people are enrolled later.
+        """
+        if mode not in ("calibrated", "manual"):
+            raise GalleryError(self.directory, f"a fixed threshold's mode is calibrated or manual, not {mode!r}")
+        d = self.manifest["decision"]
+        self._set_aggregation(aggregation, aggregation_n)
+        d["threshold"] = float(threshold)
+        d["mode"] = mode
+        d["target_fpir"] = None if target_fpir is None else float(target_fpir)
+        d["calibration"] = dict(calibration)
+        self._dirty = True
+
+    def _set_aggregation(self, aggregation: str | None, aggregation_n: int | None) -> None:
         d = self.manifest["decision"]
         if aggregation is not None:
             if aggregation not in AGGREGATIONS:
@@ -365,9 +449,54 @@ class Gallery:
             d["aggregation"] = aggregation
         if aggregation_n is not None:
             d["aggregation_n"] = int(aggregation_n)
-        d["threshold"] = float(threshold)
-        d["calibration"] = dict(calibration)
+
+    def use_impostor_model(self, model: ImpostorModel | dict[str, Any], target_fpir: float | None = None,
+                           aggregation: str | None = None) -> None:
+        """Derive the threshold from an embedder's impostor model for ``target_fpir``
+        (default :data:`DEFAULT_TARGET_FPIR`, or the gallery's current target) and keep
+        re-deriving it as the gallery changes (mode ``auto``; only inside :meth:`edit`)."""
+        if isinstance(model, dict):
+            try:
+                model = ImpostorModel.from_dict(model)
+            except ValueError as exc:
+                raise GalleryError(self.directory, f"bad impostor model ({exc})") from exc
+        if model.embedder_id != self.embedder_id:
+            raise GalleryError(self.directory, f"impostor model of {model.embedder_id!r} does not describe "
+                                               f"this gallery's embedder {self.embedder_id!r}")
+        target = target_fpir if target_fpir is not None else (self.target_fpir or DEFAULT_TARGET_FPIR)
+        if not 0.0 < target < 1.0:
+            raise GalleryError(self.directory, f"target FPIR must be in (0, 1), got {target!r}")
+        d = self.manifest["decision"]
+        self._set_aggregation(aggregation, None)
+        d["mode"] = "auto"
+        d["target_fpir"] = float(target)
+        d["impostor_model"] = model.to_dict()
+        self._impostor_model = model
+        self._rederive()
         self._dirty = True
+
+    def _rederive(self) -> None:
+        """Mode ``auto``: the threshold for the target FPIR at the gallery's current size."""
+        d = self.manifest["decision"]
+        model = self.impostor_model
+        if self.mode != "auto" or model is None or self.target_fpir is None:
+            return
+        n = self.n_comparisons
+        from facepipe.gallery.openset import per_comparison_fmr
+
+        fmr = per_comparison_fmr(self.target_fpir, n)
+        d["threshold"] = float(model.threshold_at_fmr(fmr))
+        d["calibration"] = {
+            "method": "impostor-model", "target_fpir": self.target_fpir, "n_comparisons": n,
+            "counted": "enrolled vectors" if self.aggregation[0] == "max" else "enrolled people",
+            "fmr_per_comparison": fmr, "embedder_id": model.embedder_id,
+            "impostor_data": {"people": model.n_people, "photos": model.n_images, "pairs": model.n_pairs},
+            "note": "re-derived on every change; FPIR = 1 - (1 - FMR)^N",
+        }
+
+    def person_index(self) -> np.ndarray:
+        """The person index (0-based, per distinct name) of every vector, in :meth:`vectors` order."""
+        return self._person.astype(np.int64)
 
     def vectors(self, ids: np.ndarray | None = None) -> np.ndarray:
         """The stored unit vectors for ``ids`` (default: all, in id order)."""
@@ -379,6 +508,7 @@ class Gallery:
     # ------------------------------------------------------------------ commit
 
     def _commit(self) -> None:
+        self._rederive()
         m = self.manifest
         n = int(self._ids.size)
         requested = m["index"]["requested"]
@@ -554,7 +684,17 @@ class Gallery:
                       "params": m["index"]["params"].get(self.index_type, {})},
             "vectors": len(self),
             "identities": len(self.people()),
-            "decision": m["decision"],
+            "decision": self._decision_summary(),
             "created_at": m["created_at"],
             "updated_at": m["updated_at"],
         }
+
+    def _decision_summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.manifest["decision"].items() if k != "impostor_model"}
+        d.update(self.operating_point())
+        model = self.impostor_model
+        if model is not None:
+            d["impostor_model"] = {"embedder_id": model.embedder_id, "people": model.n_people,
+                                   "photos": model.n_images, "pairs": model.n_pairs,
+                                   "data": model.data.get("set"), "created_at": model.created_at}
+        return d

@@ -15,12 +15,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from facepipe import defaults
 from facepipe.gallery.names import UNKNOWN
 from facepipe.types import Match
 
 AGGREGATIONS = ("max", "mean")
-#: Threshold of a gallery that was never calibrated (cosine similarity).
-DEFAULT_THRESHOLD = 0.5
+#: Threshold of a gallery whose embedder ships no impostor model and that was never
+#: calibrated (cosine similarity; :data:`facepipe.defaults.THRESHOLD`).
+DEFAULT_THRESHOLD = defaults.THRESHOLD
+#: False-positive identification rate a new gallery aims at
+#: (:data:`facepipe.defaults.TARGET_FPIR`).
+DEFAULT_TARGET_FPIR = defaults.TARGET_FPIR
+#: How a gallery's threshold is set (see :attr:`facepipe.gallery.Gallery.mode`).
+MODES = ("auto", "calibrated", "manual", "default")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""Open-set thresholds out of the box: impostor models, FPIR for N comparisons, auto galleries,
+leave-one-out evidence; checked against exact numpy computations and simulations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from facepipe.errors import GalleryError
+from facepipe.gallery import Gallery
+from facepipe.gallery.evidence import leave_one_out
+from facepipe.gallery.openset import (
+    ImpostorModel, compute_impostor_model, fit_impostor_model, fpir_from_fmr, impostor_model_for,
+    impostor_scores, per_comparison_fmr,
+)
+
+EMB = "synthetic@0000"
+DIM = 64
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def gaussian_model() -> ImpostorModel:
+    """A model fitted to 400k N(0.1, 0.1) scores, whose true quantiles are known."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.1, 0.1, 400_000)
+    return fit_impostor_model(scores, EMB, n_people=1000, n_images=3000)
+
+
+def test_per_comparison_rate_inverts_fpir() -> None:
+    for fpir in (0.5, 0.1, 0.01, 1e-4):
+        for n in (1, 7, 1000, 10**7):
+            f = per_comparison_fmr(fpir, n)
+            assert fpir_from_fmr(f, n) == pytest.approx(fpir, rel=1e-9)
+            assert 0 < f <= fpir
+    assert per_comparison_fmr(0.01, 1) == pytest.approx(0.01)
+    assert per_comparison_fmr(0.01, 10**6) == pytest.approx(-math.log(0.99) / 1e6, rel=1e-6)
+    with pytest.raises(ValueError):
+        per_comparison_fmr(0.0, 3)
+
+
+def test_model_thresholds_match_the_true_quantiles(gaussian_model: ImpostorModel) -> None:
+    m = gaussian_model
+    assert m.n_pairs == 400_000
+    for f, t, emp in zip(m.fmr, m.thresholds, m.empirical):
+        truth = norm.ppf(1 - f, 0.1, 0.1)
+        assert emp == (f * 400_000 >= 50)
+        # empirical points are sample quantiles; tail points extrapolate a GPD fit
+        assert t == pytest.approx(truth, abs=0.006 if emp else 0.03), (f, t, truth)
+    # interpolation between grid points and the inverse
+    for f in (0.3, 0.013, 3e-4, 7e-6):
+        t = m.threshold_at_fmr(f)
+        assert t == pytest.approx(norm.ppf(1 - f, 0.1, 0.1), abs=0.03)
+        assert m.fmr_at(t) == pytest.approx(f, rel=0.05)
+    ts = [m.threshold_at_fmr(f) for f in np.geomspace(0.5, 1e-7, 40)]
+    assert all(b >= a for a, b in zip(ts, ts[1:]))
+
+
+def test_record_round_trip_and_validation(gaussian_model: ImpostorModel) -> None:
+    rec = json.loads(json.dumps(gaussian_model.to_dict()))
+    again = ImpostorModel.from_dict(rec)
+    assert again.threshold_at_fmr(1e-3) == pytest.approx(gaussian_model.threshold_at_fmr(1e-3), abs=1e-6)
+    for broken in ({**rec, "format": "x"}, {**rec, "thresholds": rec["thresholds"][::-1]},
+                   {k: v for k, v in rec.items() if k != "tail"}):
+        with pytest.raises(ValueError):
+            ImpostorModel.from_dict(broken)
+    with pytest.raises(ValueError, match="too few"):
+        fit_impostor_model(np.zeros(100), EMB, 3, 10)
+
+
+def test_impostor_scores_are_every_cross_person_pair() -> None:
+    rng = np.random.default_rng(1)
+    x = unit(rng.normal(size=(30, 8)))
+    labels = [f"p{i % 7}" for i in range(30)]
+    got = np.sort(impostor_scores(x, labels, block=7))
+    want = np.sort([float(x[i] @ x[j]) for i in range(30) for j in range(i + 1, 30) if labels[i] != labels[j]])
+    assert np.allclose(got, want, atol=1e-6)
+
+
+def test_fpir_formula_holds_for_independent_comparisons() -> None:
+    """Random people in 64-d are (nearly) independent: the derived threshold gives the target FPIR."""
+    rng = np.random.default_rng(2)
+    dev = unit(rng.normal(size=(3000, DIM)))
+    model = compute_impostor_model(dev, [str(i) for i in range(3000)], EMB)
+    for n in (10, 300):
+        gallery = unit(rng.normal(size=(n, DIM)))
+        strangers = unit(rng.normal(size=(20000, DIM)))
+        best = (strangers @ gallery.T).max(axis=1)
+        for target in (0.1, 0.01):
+            t = model.threshold_for_fpir(target, n)
+            got = float((best >= t).mean())
+            assert got == pytest.approx(target, rel=0.25), (n, target, got)
+
+
+def test_auto_gallery_rederives_its_threshold(tmp_path: Path, gaussian_model: ImpostorModel) -> None:
+    rng = np.random.default_rng(3)
+    g_dir = tmp_path / "g"
+    Gallery.create(g_dir, DIM, EMB, impostor_model=gaussian_model, target_fpir=0.01)
+    g = Gallery.open(g_dir)
+    assert g.mode == "auto" and g.target_fpir == 0.01
+    t1 = g.threshold
+    assert t1 == pytest.approx(gaussian_model.threshold_at_fmr(0.01))
+    with Gallery.edit(g_dir) as ge:
+        ge.add(unit(rng.normal(size=(100, DIM))), [f"p{i // 4}" for i in range(100)])
+    g = Gallery.open(g_dir)
+    assert g.n_comparisons == 100
+    assert g.threshold == pytest.approx(gaussian_model.threshold_for_fpir(0.01, 100)) and g.threshold > t1
+    op = g.operating_point()
+    assert op["mode"] == "auto" and op["expected_fpir"] == pytest.approx(0.01, rel=0.02)
+    assert json.loads((g_dir / "manifest.json").read_text())["decision"]["target_fpir"] == 0.01
+    with Gallery.edit(g_dir) as ge:
+        ge.remove([f"p{i}" for i in range(20)])
+    assert Gallery.open(g_dir).threshold == pytest.approx(gaussian_model.threshold_for_fpir(0.01, 20))
+    # mean aggregation counts people, not vectors
+    with Gallery.edit(g_dir) as ge:
+        ge.use_impostor_model(gaussian_model, aggregation="mean")
+    g = Gallery.open(g_dir)
+    assert g.n_comparisons == 5 and g.threshold == pytest.approx(gaussian_model.threshold_for_fpir(0.01, 5))
+    # a calibrated threshold stays put when people are enrolled
+    with Gallery.edit(g_dir) as ge:
+        ge.set_threshold(0.42, {"method": "test"}, target_fpir=0.02)
+    with Gallery.edit(g_dir) as ge:
+        ge.add(unit(rng.normal(size=(10, DIM))), ["new"] * 10)
+    g = Gallery.open(g_dir)
+    assert g.mode == "calibrated" and g.threshold == 0.42 and g.target_fpir == 0.02
+
+
+def test_galleries_without_a_model(tmp_path: Path, gaussian_model: ImpostorModel) -> None:
+    g = Gallery.create(tmp_path / "a", DIM, EMB)
+    assert g.mode == "default" and g.threshold == 0.5 and g.operating_point()["expected_fpir"] is None
+    g = Gallery.create(tmp_path / "b", DIM, EMB, threshold=0.61, impostor_model=gaussian_model)
+    assert g.mode == "manual" and g.threshold == 0.61
+    other = ImpostorModel.from_dict({**gaussian_model.to_dict(), "embedder_id": "other@1"})
+    with pytest.raises(GalleryError, match="does not describe"):
+        Gallery.create(tmp_path / "c", DIM, EMB, impostor_model=other)
+    # manifests written before modes existed still open
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del m["decision"]["mode"]
+    m["decision"]["calibration"] = {"method": "fpir"}
+    g = Gallery(tmp_path / "a", m, None, np.zeros(0, np.int64), np.zeros(0, np.int32), [], [], [], 0)
+    assert g.mode == "calibrated"
+
+
+def test_impostor_model_read_from_a_checkpoint(tmp_path: Path, gaussian_model: ImpostorModel) -> None:
+    import torch
+
+    class Emb:
+        embedder_id = EMB
+
+        def __init__(self, source: str) -> None:
+            self.source = source
+
+    p = tmp_path / "e.pt"
+    torch.save({"format": "x", "calibration": gaussian_model.to_dict()}, p)
+    assert impostor_model_for(Emb(str(p))).n_pairs == gaussian_model.n_pairs
+    torch.save({"format": "x", "calibration": {**gaussian_model.to_dict(), "embedder_id": "else@2"}}, p)
+    assert impostor_model_for(Emb(str(p))) is None  # made for other weights
+    torch.save({"format": "x"}, p)
+    assert impostor_model_for(Emb(str(p))) is None
+
+
+def _brute_loo(v: np.ndarray, person: np.ndarray, method: str, n: int) -> tuple[list, list, list]:
+    gen, ok, imp = [], [], []
+    for i in range(len(v)):
+        scores = {}
+        for p in np.unique(person):
+            idx = [j for j in np.flatnonzero(person == p) if j != i]
+            if not idx:
+                continue
+            s = np.sort(v[idx] @ v[i])[::-1]
+            scores[p] = s[0] if method == "max" else s[:n].mean()
+        others = [s for p, s in scores.items() if p != person[i]]
+        imp.append(max(others))
+        if person[i] in scores:
+            gen.append(scores[person[i]])
+            ok.append(scores[person[i]] > max(others))
+    return gen, ok, imp
+
+
+@pytest.mark.parametrize("method", ["max", "mean"])
+def test_leave_one_out_matches_brute_force(method: str) -> None:
+    rng = np.random.default_rng(4)
+    centres = unit(rng.normal(size=(9, 16)))
+    person = np.asarray([0, 0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 5, 6, 6, 7, 8, 8, 8, 8, 8])
+    v = unit(centres[person] + 0.6 * rng.normal(size=(len(person), 16)))
+    loo = leave_one_out(v, person, method, 3, chunk=6)
+    gen, ok, imp = _brute_loo(v, person, method, 3)
+    assert np.allclose(loo.genuine_scores, gen, atol=1e-5)
+    assert list(loo.genuine_correct) == ok
+    assert np.allclose(loo.impostor_scores, imp, atol=1e-5)
+    assert loo.n_people_with_two == 5
