@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Does a fresh gallery with default settings keep the FPIR it promises? Measured as a user would.
+
+**User check** (sets no facepipe model is trained on): for the Yale faces (15 people) and
+face_recognition's examples (6 people), half the people — a seeded random half, repeated
+over ``--splits`` splits — are enrolled with up to 3 photos each (always leaving at least
+one photo to probe with), exactly as ``facepipe enroll`` does it: a new gallery with the
+embedder's shipped impostor model and the default target FPIR, threshold derived for the
+gallery's size. Probes: the remaining photos of enrolled people (mated; DIR = share named
+correctly) and strangers (FPIR = share of stranger faces named as anyone): the other half
+of the same set, the other identity set, and every face in the Caltech WebFaces detection
+images (web photos of other people; used for evaluation only). Faces go through the
+default pipeline (MTCNN, the embedder's alignment); identity photos contribute their
+largest face.
+
+**Approximation check** (``FPIR = 1 − (1 − FMR)^N``): the LFW DevTrain people held out of
+training (cached by ``scripts/calibrate_embedder.py``) are split into two people-disjoint
+halves; an impostor model is fitted on half A, galleries of N people (1 or 3 photos
+each) are built from half B and probed with B's other people. The FPIR obtained is
+compared with the target when N counts vectors (what facepipe does) and when it counts
+people, without any domain shift.
+
+Usage::
+
+    python scripts/bench_openset_defaults.py --embedders default \
+        --json docs/gallery_openset_defaults.json
+
+``--embedders NAME=RECORD.json`` uses an impostor model from a JSON file instead of the
+checkpoint's (to evaluate a record before writing it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench_openset_defaults")
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def _files(folder: Path) -> list[Path]:
+    from facepipe.io import IMAGE_EXTENSIONS
+
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def identity_set(root: Path) -> dict[str, list[Path]]:
+    return {p.name: fs for p in sorted(root.iterdir()) if p.is_dir() and (fs := _files(p))}
+
+
+def embed_all(pipe: Any, paths: list[Path], largest: bool, cache: Path) -> dict[str, Any]:
+    """Embeddings of the largest face (``largest``) or of every face of each photo; cached."""
+    from facepipe.errors import FacepipeError
+    from facepipe.io import load_image
+
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if int(z["n_paths"]) == len(paths):
+            return {k: z[k] for k in z.files}
+    vecs, owner, t0 = [], [], time.time()
+    for k, p in enumerate(paths):
+        try:
+            res = pipe.process(load_image(p))
+        except FacepipeError as exc:
+            log.warning("%s", exc)
+            continue
+        faces = res.faces
+        if largest and faces:
+            faces = [max(faces, key=lambda f: f.detection.box.area)]
+        for f in faces:
+            vecs.append(np.asarray(f.embedding, np.float32))
+            owner.append(k)
+        if (k + 1) % 100 == 0:
+            log.info("%s: %d/%d photos, %.0fs", cache.stem, k + 1, len(paths), time.time() - t0)
+    out = {"vectors": np.stack(vecs) if vecs else np.zeros((0, pipe.embedder.dim), np.float32),
+           "owner": np.asarray(owner, np.int64), "n_paths": np.asarray(len(paths))}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out)
+    return out
+
+
+# ----------------------------------------------------------------------------- user check
+
+
+def decide(gallery_dir: str, probes: np.ndarray) -> list[str]:
+    """Names ``identify`` would print (top-1, the gallery's threshold, no margin rule)."""
+    from facepipe.gallery import Gallery
+
+    if len(probes) == 0:
+        return []
+    g = Gallery.open(gallery_dir)
+    return [d.name for d in g.identify(probes)]
+
+
+def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]], strangers: dict[str, np.ndarray],
+               splits: int, enrol_max: int) -> dict[str, Any]:
+    from facepipe.gallery import DEFAULT_TARGET_FPIR, Gallery
+
+    out: dict[str, Any] = {}
+    for name, s in sets.items():
+        people = s["people"]  # person -> list of vector rows (photo order), largest face per photo
+        n_photos = {p: len(s["photo_rows"][p]) for p in people}
+        acc: dict[str, Any] = {"mated": 0, "mated_named_right": 0, "mated_named_wrong": 0,
+                               "enrolled_people": [], "enrolled_vectors": [], "thresholds": [],
+                               "strangers": {}}
+        for seed in range(splits):
+            rng = np.random.default_rng(seed)
+            order = list(rng.permutation(sorted(people)))
+            enrolled = sorted(order[: len(order) // 2])
+            others = sorted(order[len(order) // 2:])
+            ev, en, mated, mated_names = [], [], [], []
+            for p in enrolled:
+                rows = s["photo_rows"][p]  # per photo: vector row or -1 (no face)
+                k = min(enrol_max, max(1, len(rows) - 1))
+                pick = list(rng.permutation(len(rows)))
+                enrol_rows = [rows[i] for i in pick[:k] if rows[i] >= 0]
+                probe_rows = [rows[i] for i in pick[k:]]
+                ev += [s["vectors"][r] for r in enrol_rows]
+                en += [p] * len(enrol_rows)
+                for r in probe_rows:
+                    mated.append(s["vectors"][r] if r >= 0 else None)
+                    mated_names.append(p)
+            with tempfile.TemporaryDirectory(prefix="facepipe-bench-") as tmp:
+                with Gallery.edit(tmp, embedder_id=emb_id, dim=dim, impostor_model=model,
+                                  target_fpir=DEFAULT_TARGET_FPIR) as g:
+                    g.add(np.stack(ev), en)
+                g = Gallery.open(tmp)
+                acc["thresholds"].append(g.threshold)
+                acc["enrolled_people"].append(len(enrolled))
+                acc["enrolled_vectors"].append(len(g))
+                have = [i for i, v in enumerate(mated) if v is not None]
+                names = decide(tmp, np.stack([mated[i] for i in have])) if have else []
+                got = dict(zip(have, names))
+                for i, truth in enumerate(mated_names):
+                    acc["mated"] += 1
+                    n = got.get(i, "unknown")
+                    acc["mated_named_right"] += n == truth
+                    acc["mated_named_wrong"] += n not in ("unknown", truth)
+                same_set = [s["vectors"][r] for p in others for r in s["photo_rows"][p] if r >= 0]
+                pools = {"same set, other half": np.asarray(same_set).reshape(-1, dim), **strangers}
+                for src, vecs in pools.items():
+                    if src == name:
+                        continue
+                    names = decide(tmp, vecs)
+                    a = acc["strangers"].setdefault(src, {"probes": 0, "named": 0})
+                    a["probes"] += len(names)
+                    a["named"] += sum(n != "unknown" for n in names)
+        total = {"probes": sum(a["probes"] for a in acc["strangers"].values()),
+                 "named": sum(a["named"] for a in acc["strangers"].values())}
+        for a in list(acc["strangers"].values()) + [total]:
+            a["fpir"] = a["named"] / a["probes"] if a["probes"] else None
+        out[name] = {
+            "splits": splits, "target_fpir": DEFAULT_TARGET_FPIR,
+            "people": len(people), "photos": int(sum(n_photos.values())),
+            "enrolled_people_per_split": float(np.mean(acc["enrolled_people"])),
+            "enrolled_vectors_per_split": float(np.mean(acc["enrolled_vectors"])),
+            "threshold_mean": float(np.mean(acc["thresholds"])),
+            "mated_probes": acc["mated"],
+            "dir": acc["mated_named_right"] / max(acc["mated"], 1),
+            "mated_named_wrong": acc["mated_named_wrong"] / max(acc["mated"], 1),
+            "strangers": acc["strangers"], "fpir": total["fpir"], "stranger_probes": total["probes"],
+        }
+        r = out[name]
+        log.info("%s %s: threshold %.3f over %.1f vectors, FPIR %.4f (target %.2f, %d stranger probes), DIR %.3f",
+                 emb_id, name, r["threshold_mean"], r["enrolled_vectors_per_split"], r["fpir"], r["target_fpir"],
+                 r["stranger_probes"], r["dir"])
+    return out
+
+
+# ----------------------------------------------------------------------------- approximation
+
+
+def approximation_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, reps: int = 20) -> dict[str, Any]:
+    """FPIR obtained vs target on LFW held-out people, model and galleries people-disjoint."""
+    import hashlib
+
+    from facepipe.gallery.openset import compute_impostor_model
+
+    people = np.unique(labels)
+    in_a = {p for p in people if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 2 == 0}
+    a = np.asarray([lab in in_a for lab in labels])
+    model = compute_impostor_model(vectors[a], labels[a], emb_id)
+    vb, lb = vectors[~a], labels[~a]
+    b_people = np.unique(lb)
+    rows: list[dict[str, Any]] = []
+    for per in (1, 3):
+        eligible = [p for p in b_people if (lb == p).sum() >= per]
+        for n_people in (10, 30, 100, 300):
+            if n_people > len(eligible) - 20:
+                continue
+            for target in (0.1, 0.01):
+                named = {"vectors": 0, "people": 0}
+                probes = 0
+                for rep in range(reps):
+                    rng = np.random.default_rng(rep)
+                    enrolled = set(rng.choice(eligible, n_people, replace=False).tolist())
+                    gal = np.concatenate([vb[np.flatnonzero(lb == p)[:per]] for p in sorted(enrolled)])
+                    strangers = vb[~np.isin(lb, list(enrolled))]
+                    best = (strangers @ gal.T).max(axis=1)
+                    probes += len(best)
+                    for count, n in (("vectors", len(gal)), ("people", n_people)):
+                        named[count] += int((best >= model.threshold_for_fpir(target, n)).sum())
+                rows.append({"photos_per_person": per, "people": n_people, "target_fpir": target,
+                             "stranger_probes": probes,
+                             "fpir_counting_vectors": named["vectors"] / probes,
+                             "fpir_counting_people": named["people"] / probes})
+                log.info("approx %d x %d, target %.2f: FPIR %.4f (N=vectors) %.4f (N=people)", n_people, per,
+                         target, rows[-1]["fpir_counting_vectors"], rows[-1]["fpir_counting_people"])
+    return {"model_people": int(len(in_a)), "model_pairs": model.n_pairs, "gallery_side_people": int(len(b_people)),
+            "repetitions": reps, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--embedders", nargs="+", default=["default"], metavar="NAME[=RECORD.json]")
+    ap.add_argument("--splits", type=int, default=20)
+    ap.add_argument("--enrol-max", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=ROOT / "out" / "openset_defaults")
+    ap.add_argument("--calibration-cache", type=Path, default=ROOT / "out" / "calibration")
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "gallery_openset_defaults.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    import torch
+
+    from facepipe import defaults
+    from facepipe.builders import build_pipeline
+    from facepipe.datasets import data_root
+    from facepipe.gallery.openset import ImpostorModel, impostor_model_for
+
+    torch.set_num_threads(args.threads)
+    data = data_root()
+    ids = data / "identities"
+    id_sets = {"yale": identity_set(ids / "yale_faces"), "fr_examples": identity_set(ids / "face_recognition_examples")}
+    caltech = sorted((data / "detection" / "caltech_webfaces_dev" / "images").iterdir())
+    results: dict[str, Any] = {}
+    for spec in args.embedders:
+        name, _, record = spec.partition("=")
+        pipe = build_pipeline(defaults.DETECTOR, name, args.device, largest_only=False)
+        emb = pipe.embedder
+        model = ImpostorModel.from_dict(json.loads(Path(record).read_text())) if record else impostor_model_for(emb)
+        if model is None:
+            log.error("%s ships no impostor model; run scripts/calibrate_embedder.py first", name)
+            continue
+        tag = emb.embedder_id.replace("@", "_").replace("+", "_")
+        sets: dict[str, dict[str, Any]] = {}
+        for set_name, folders in id_sets.items():
+            paths = [f for fs in folders.values() for f in fs]
+            e = embed_all(pipe, paths, True, args.cache / f"{tag}_{set_name}.npz")
+            row_of = {int(k): i for i, k in enumerate(e["owner"])}
+            photo_rows, k = {}, 0
+            for p, fs in folders.items():
+                photo_rows[p] = [row_of.get(k + i, -1) for i in range(len(fs))]
+                k += len(fs)
+            sets[set_name] = {"people": sorted(folders), "photo_rows": photo_rows, "vectors": e["vectors"]}
+        cal = embed_all(pipe, caltech, False, args.cache / f"{tag}_caltech.npz")
+        strangers = {"caltech webfaces": cal["vectors"], **{k: v["vectors"] for k, v in sets.items()}}
+        res: dict[str, Any] = {"embedder_id": emb.embedder_id,
+                               "impostor_model": {"people": model.n_people, "pairs": model.n_pairs,
+                                                  "created_at": model.created_at},
+                               "user_check": user_check(emb.embedder_id, emb.dim, model, sets, strangers,
+                                                        args.splits, args.enrol_max)}
+        lfw = list(args.calibration_cache.glob(f"{tag}_*lfwval*.npz"))
+        if lfw:
+            z = np.load(lfw[0], allow_pickle=False)
+            res["approximation_check"] = approximation_check(z["vectors"], z["labels"].astype(str), emb.embedder_id)
+        else:
+            log.warning("no LFW held-out embeddings for %s in %s: approximation check skipped",
+                        emb.embedder_id, args.calibration_cache)
+        results[name] = res
+    meta = {
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU core(s), {platform.platform()}, shared with other jobs",
+        "detector": defaults.DETECTOR, "target_fpir": None,
+    }
+    from facepipe.gallery import DEFAULT_TARGET_FPIR
+
+    meta["target_fpir"] = DEFAULT_TARGET_FPIR
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    log.info("wrote %s", args.json)
+
+
+if __name__ == "__main__":
+    main()
