@@ -275,6 +275,8 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
         "rank1": float(correct.mean()) if n_gen else None,
         "model_threshold": choice.model_threshold, "data_threshold": choice.data_threshold,
         "n_impostor": int(impostor.size), "n_genuine": n_gen,
+        "fpir": observed, "excluded_enrolled_photos": excluded, "failed_photos": failed,
+        "n_impostor_people": len(imp_people), "n_genuine_people": len({*gen_names}),
         "evidence": {
             "leave_one_out": {"impostor_probes": int(loo.impostor_scores.size),
                               "genuine_probes": int(loo.genuine_scores.size),
