@@ -98,27 +98,30 @@ def embed_all(pipe: Any, paths: list[Path], largest: bool, cache: Path) -> dict[
 # ----------------------------------------------------------------------------- user check
 
 
-def decide(gallery_dir: str, probes: np.ndarray) -> list[str]:
-    """Names ``identify`` would print (top-1, the gallery's threshold, no margin rule)."""
-    from facepipe.gallery import Gallery
-
+def best_matches(g: Any, probes: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Top-1 person and score per probe (what ``identify`` decides on)."""
     if len(probes) == 0:
-        return []
-    g = Gallery.open(gallery_dir)
-    return [d.name for d in g.identify(probes)]
+        return [], np.zeros(0)
+    ranked = g.rank(probes, 1)
+    return [r[0].name for r in ranked], np.asarray([r[0].score for r in ranked])
+
+
+SETTINGS = ("fixed 0.5", "default", "calibrated")
 
 
 def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]], strangers: dict[str, np.ndarray],
                splits: int, enrol_max: int) -> dict[str, Any]:
+    """Per identity set: FPIR and DIR with the fresh gallery's automatic threshold ("default"),
+    after ``gallery calibrate`` from the enrolled photos alone ("calibrated"), and with the
+    constant 0.5 every gallery had before impostor models ("fixed 0.5")."""
     from facepipe.gallery import DEFAULT_TARGET_FPIR, Gallery
+    from facepipe.gallery.evidence import calibrate_gallery
 
     out: dict[str, Any] = {}
     for name, s in sets.items():
-        people = s["people"]  # person -> list of vector rows (photo order), largest face per photo
-        n_photos = {p: len(s["photo_rows"][p]) for p in people}
-        acc: dict[str, Any] = {"mated": 0, "mated_named_right": 0, "mated_named_wrong": 0,
-                               "enrolled_people": [], "enrolled_vectors": [], "thresholds": [],
-                               "strangers": {}}
+        people = s["people"]
+        acc = {k: {"mated": 0, "right": 0, "wrong": 0, "thresholds": [], "strangers": {}} for k in SETTINGS}
+        sizes = []
         for seed in range(splits):
             rng = np.random.default_rng(seed)
             order = list(rng.permutation(sorted(people)))
@@ -130,56 +133,58 @@ def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]
                 k = min(enrol_max, max(1, len(rows) - 1))
                 pick = list(rng.permutation(len(rows)))
                 enrol_rows = [rows[i] for i in pick[:k] if rows[i] >= 0]
-                probe_rows = [rows[i] for i in pick[k:]]
                 ev += [s["vectors"][r] for r in enrol_rows]
                 en += [p] * len(enrol_rows)
-                for r in probe_rows:
-                    mated.append(s["vectors"][r] if r >= 0 else None)
+                for i in pick[k:]:
+                    mated.append(rows[i])
                     mated_names.append(p)
             with tempfile.TemporaryDirectory(prefix="facepipe-bench-") as tmp:
+                # exactly what `facepipe enroll` does for a new gallery
                 with Gallery.edit(tmp, embedder_id=emb_id, dim=dim, impostor_model=model,
                                   target_fpir=DEFAULT_TARGET_FPIR) as g:
                     g.add(np.stack(ev), en)
                 g = Gallery.open(tmp)
-                acc["thresholds"].append(g.threshold)
-                acc["enrolled_people"].append(len(enrolled))
-                acc["enrolled_vectors"].append(len(g))
-                have = [i for i, v in enumerate(mated) if v is not None]
-                names = decide(tmp, np.stack([mated[i] for i in have])) if have else []
-                got = dict(zip(have, names))
+            sizes.append((len(enrolled), len(g)))
+            thr = {"fixed 0.5": 0.5, "default": g.threshold,
+                   "calibrated": calibrate_gallery(g, DEFAULT_TARGET_FPIR, model).threshold}
+            have = [i for i, r in enumerate(mated) if r >= 0]
+            m_names, m_scores = best_matches(g, s["vectors"][[mated[i] for i in have]])
+            got = {i: (n, sc) for i, n, sc in zip(have, m_names, m_scores)}
+            same_set = [s["vectors"][r] for p in others for r in s["photo_rows"][p] if r >= 0]
+            pools = {"same set, other half": np.asarray(same_set).reshape(-1, dim),
+                     **{k: v for k, v in strangers.items() if k != name}}
+            pool_scores = {src: best_matches(g, v)[1] for src, v in pools.items()}
+            for setting, t in thr.items():
+                a = acc[setting]
+                a["thresholds"].append(t)
                 for i, truth in enumerate(mated_names):
-                    acc["mated"] += 1
-                    n = got.get(i, "unknown")
-                    acc["mated_named_right"] += n == truth
-                    acc["mated_named_wrong"] += n not in ("unknown", truth)
-                same_set = [s["vectors"][r] for p in others for r in s["photo_rows"][p] if r >= 0]
-                pools = {"same set, other half": np.asarray(same_set).reshape(-1, dim), **strangers}
-                for src, vecs in pools.items():
-                    if src == name:
-                        continue
-                    names = decide(tmp, vecs)
-                    a = acc["strangers"].setdefault(src, {"probes": 0, "named": 0})
-                    a["probes"] += len(names)
-                    a["named"] += sum(n != "unknown" for n in names)
-        total = {"probes": sum(a["probes"] for a in acc["strangers"].values()),
-                 "named": sum(a["named"] for a in acc["strangers"].values())}
-        for a in list(acc["strangers"].values()) + [total]:
-            a["fpir"] = a["named"] / a["probes"] if a["probes"] else None
-        out[name] = {
-            "splits": splits, "target_fpir": DEFAULT_TARGET_FPIR,
-            "people": len(people), "photos": int(sum(n_photos.values())),
-            "enrolled_people_per_split": float(np.mean(acc["enrolled_people"])),
-            "enrolled_vectors_per_split": float(np.mean(acc["enrolled_vectors"])),
-            "threshold_mean": float(np.mean(acc["thresholds"])),
-            "mated_probes": acc["mated"],
-            "dir": acc["mated_named_right"] / max(acc["mated"], 1),
-            "mated_named_wrong": acc["mated_named_wrong"] / max(acc["mated"], 1),
-            "strangers": acc["strangers"], "fpir": total["fpir"], "stranger_probes": total["probes"],
-        }
-        r = out[name]
-        log.info("%s %s: threshold %.3f over %.1f vectors, FPIR %.4f (target %.2f, %d stranger probes), DIR %.3f",
-                 emb_id, name, r["threshold_mean"], r["enrolled_vectors_per_split"], r["fpir"], r["target_fpir"],
-                 r["stranger_probes"], r["dir"])
+                    n, sc = got.get(i, ("unknown", -np.inf))
+                    a["mated"] += 1
+                    a["right"] += bool(sc >= t and n == truth)
+                    a["wrong"] += bool(sc >= t and n != truth)
+                for src, sc in pool_scores.items():
+                    b = a["strangers"].setdefault(src, {"probes": 0, "named": 0})
+                    b["probes"] += int(sc.size)
+                    b["named"] += int((sc >= t).sum())
+        res: dict[str, Any] = {"splits": splits, "target_fpir": DEFAULT_TARGET_FPIR, "people": len(people),
+                               "enrolled_people_per_split": float(np.mean([x[0] for x in sizes])),
+                               "enrolled_vectors_per_split": float(np.mean([x[1] for x in sizes]))}
+        for setting, a in acc.items():
+            total = {"probes": sum(b["probes"] for b in a["strangers"].values()),
+                     "named": sum(b["named"] for b in a["strangers"].values())}
+            for b in list(a["strangers"].values()) + [total]:
+                b["fpir"] = b["named"] / b["probes"] if b["probes"] else None
+            res[setting] = {"threshold_mean": float(np.mean(a["thresholds"])),
+                            "threshold_min": float(np.min(a["thresholds"])),
+                            "threshold_max": float(np.max(a["thresholds"])),
+                            "mated_probes": a["mated"], "dir": a["right"] / max(a["mated"], 1),
+                            "mated_named_wrong": a["wrong"] / max(a["mated"], 1),
+                            "fpir": total["fpir"], "stranger_probes": total["probes"], "strangers": a["strangers"]}
+            r = res[setting]
+            log.info("%s %s %s: threshold %.3f over %.1f vectors, FPIR %.4f (same set %.4f; target %.2f), DIR %.3f",
+                     emb_id, name, setting, r["threshold_mean"], res["enrolled_vectors_per_split"], r["fpir"],
+                     a["strangers"]["same set, other half"]["fpir"], DEFAULT_TARGET_FPIR, r["dir"])
+        out[name] = res
     return out
 
 

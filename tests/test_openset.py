@@ -13,10 +13,10 @@ from scipy.stats import norm
 
 from facepipe.errors import GalleryError
 from facepipe.gallery import Gallery
-from facepipe.gallery.evidence import leave_one_out
+from facepipe.gallery.evidence import choose_threshold, leave_one_out
 from facepipe.gallery.openset import (
-    ImpostorModel, compute_impostor_model, fit_impostor_model, fpir_from_fmr, impostor_model_for,
-    impostor_scores, per_comparison_fmr,
+    ImpostorModel, compute_impostor_model, estimate_shift, fit_impostor_model, fpir_from_fmr,
+    impostor_model_for, impostor_scores, per_comparison_fmr,
 )
 
 EMB = "synthetic@0000"
@@ -197,3 +197,41 @@ def test_leave_one_out_matches_brute_force(method: str) -> None:
     assert list(loo.genuine_correct) == ok
     assert np.allclose(loo.impostor_scores, imp, atol=1e-5)
     assert loo.n_people_with_two == 5
+
+
+def test_fmr_at_many_matches_fmr_at(gaussian_model: ImpostorModel) -> None:
+    ts = np.linspace(-0.2, 1.0, 97)
+    assert np.allclose(gaussian_model.fmr_at_many(ts), [gaussian_model.fmr_at(t) for t in ts], rtol=1e-6, atol=1e-12)
+
+
+def _best_of(rng: np.random.Generator, n: int, probes: int, shift: float) -> np.ndarray:
+    return (rng.normal(0.1, 0.1, (probes, n)) + shift).max(axis=1)
+
+
+def test_domain_shift_is_estimated_from_best_scores(gaussian_model: ImpostorModel) -> None:
+    rng = np.random.default_rng(5)
+    for shift in (0.0, 0.08):
+        best = _best_of(rng, 20, 60, shift)
+        d, gain = estimate_shift(gaussian_model, best, np.full(60, 20))
+        assert d == pytest.approx(shift, abs=0.03)
+        assert (2 * gain > 3.84) == (shift > 0)
+
+
+def test_choose_threshold_rules(gaussian_model: ImpostorModel) -> None:
+    rng = np.random.default_rng(6)
+    m = gaussian_model
+    # few probes from the model's own distribution: the model's threshold
+    c = choose_threshold(0.01, 20, m, _best_of(rng, 20, 30, 0.0), np.full(30, 20))
+    assert c.rule == "impostor model" and c.threshold == pytest.approx(m.threshold_for_fpir(0.01, 20))
+    # the same from a domain where impostors run 0.1 higher: raised, never lowered
+    c = choose_threshold(0.01, 20, m, _best_of(rng, 20, 30, 0.1), np.full(30, 20))
+    assert c.shift == pytest.approx(0.1, abs=0.04) and c.threshold > m.threshold_for_fpir(0.01, 20)
+    c = choose_threshold(0.01, 20, m, _best_of(rng, 20, 30, -0.2), np.full(30, 20))
+    assert c.shift is None and c.threshold == pytest.approx(m.threshold_for_fpir(0.01, 20))
+    # plenty of the user's own probes: their threshold alone
+    many = _best_of(rng, 20, 5000, -0.1)
+    c = choose_threshold(0.01, 20, m, many, np.full(5000, 20))
+    assert c.rule == "your impostor probes" and float((many >= c.threshold).mean()) <= 0.01
+    # no model and no probes: nothing to go on
+    with pytest.raises(ValueError, match="no impostor evidence"):
+        choose_threshold(0.01, 20, None, np.zeros(0))

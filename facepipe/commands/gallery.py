@@ -139,7 +139,7 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
     the manifest and printed as JSON; thin evidence is reported as a WARNING.
     """
     from facepipe.gallery import DEFAULT_TARGET_FPIR, Gallery, sha256_file
-    from facepipe.gallery.evidence import choose_threshold, leave_one_out
+    from facepipe.gallery.evidence import calibrate_gallery
     from facepipe.gallery.openset import impostor_model_for
 
     setup_logging(quiet, verbose)
@@ -171,7 +171,6 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
         gen_people = _probe_items(genuine_root, max_per_person) if genuine_root else {}
     except FacepipeError as exc:
         raise fail(exc) from exc
-    method, agg_n = g.aggregation
     t0 = time.perf_counter()
 
     if auto:
@@ -205,10 +204,7 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
                "not enrolled: " + ", ".join(not_enrolled[:5]) + (" ..." if len(not_enrolled) > 5 else ""), quiet)
         gen_people = {k: v for k, v in gen_people.items() if k in enrolled}
 
-    # 1. the enrolled photos themselves, left out one at a time
-    loo = leave_one_out(g.vectors(), g.person_index(), method, agg_n)
-
-    # 2. photos given on the command line
+    # photos given on the command line (the enrolled photos themselves are always used)
     jobs = [(name, p, True) for name, ps in gen_people.items() for p in ps] + \
            [(name, p, False) for name, ps in imp_people.items() for p in ps]
     gen_vecs, gen_names, imp_vecs = [], [], []
@@ -238,58 +234,29 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
     dim = g.dim
     gs, gc, isc = g.calibration_scores(np.asarray(gen_vecs).reshape(-1, dim), gen_names,
                                        np.asarray(imp_vecs).reshape(-1, dim))
-    impostor = np.concatenate([loo.impostor_scores, isc])
-    genuine = np.concatenate([loo.genuine_scores, gs])
-    correct = np.concatenate([loo.genuine_correct, gc])
     try:
-        choice = choose_threshold(target, g.n_comparisons, model, impostor)
+        result = calibrate_gallery(g, target, model, isc, gs, gc)
     except ValueError as exc:
         raise fail(f"{gallery_dir}: {exc}") from exc
-    for w in choice.warnings:
+    for w in result.warnings:
         warn(w)
-    t = choice.threshold
-    n_gen = int(genuine.size)
-    dir_rate = float(((genuine >= t) & correct).mean()) if n_gen else None
-    observed = float((impostor >= t).mean()) if impostor.size else None
-    if model is None:
-        warn(f"the embedder {g.embedder_id} ships no impostor model: the threshold rests on your "
-             f"{impostor.size} impostor probes alone")
-    if n_gen == 0:
-        warn("no genuine evidence: no enrolled person has two or more photos and no --genuine photos were "
-             "given, so DIR (how many of your people are still recognised) cannot be estimated; enrol 2-3 "
-             "photos per person")
-    elif n_gen < 20:
-        warn(f"only {n_gen} genuine probes: the DIR estimate is rough (enrol 2-3 photos per person)")
-    if observed is not None and impostor.size >= 20:
-        from scipy.stats import binom
-
-        k = int((impostor >= t).sum())
-        if k and binom.sf(k - 1, impostor.size, target) < 0.01:
-            warn(f"at this threshold {k} of your {impostor.size} impostor probes ({observed:.1%}) are taken for "
-                 f"someone, well above the target {target:g}: your photos look more alike than the development "
-                 "data; give more photos of strangers with --impostors or choose a smaller --fpir")
-    expected = None if model is None else float(model.expected_fpir(t, g.n_comparisons))
+    t = result.threshold
+    rec = dict(result.record)
+    loo_counts, model_counts = rec.pop("leave_one_out"), rec.pop("impostor_model")
     record = {
-        "method": "fpir", "rule": choice.rule, "threshold": t, "tolerance": 1.0 - t, "target_fpir": target,
-        "expected_fpir": expected, "observed_fpir": observed, "dir": dir_rate,
-        "rank1": float(correct.mean()) if n_gen else None,
-        "model_threshold": choice.model_threshold, "data_threshold": choice.data_threshold,
-        "n_impostor": int(impostor.size), "n_genuine": n_gen,
-        "fpir": observed, "excluded_enrolled_photos": excluded, "failed_photos": failed,
+        **rec,
+        "fpir": rec["observed_fpir"], "excluded_enrolled_photos": excluded, "failed_photos": failed,
         "n_impostor_people": len(imp_people), "n_genuine_people": len({*gen_names}),
         "evidence": {
-            "leave_one_out": {"impostor_probes": int(loo.impostor_scores.size),
-                              "genuine_probes": int(loo.genuine_scores.size),
-                              "people_with_two_or_more_photos": loo.n_people_with_two},
+            "leave_one_out": loo_counts,
             "impostors": {"folder": str(impostor_root) if impostor_root else None, "people": len(imp_people),
                           "probes": int(isc.size)},
             "genuine": {"folder": str(genuine_root) if genuine_root else None, "people": len({*gen_names}),
                         "probes": int(gs.size), "excluded_enrolled_photos": excluded},
-            "impostor_model": None if model is None else {"people": model.n_people, "pairs": model.n_pairs},
+            "impostor_model": model_counts,
             "failed_photos": failed,
         },
-        "n_comparisons": g.n_comparisons, "aggregation": method, "aggregation_n": agg_n,
-        "embedder_id": g.embedder_id, "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "warnings": warnings,
     }
     if not dry_run:
@@ -301,7 +268,7 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
         except FacepipeError as exc:
             raise fail(exc) from exc
     click.echo(json.dumps({"stored": not dry_run, **record}, indent=2))
-    report(f"facepipe: threshold {t:.4f} (tolerance {1 - t:.4f}) for FPIR {target:g} by {choice.rule}; "
-           f"{impostor.size} impostor and {n_gen} genuine probes"
-           + (f", DIR {dir_rate:.3f}" if dir_rate is not None else ", DIR unknown")
+    report(f"facepipe: threshold {t:.4f} (tolerance {1 - t:.4f}) for FPIR {target:g} by {record['rule']}; "
+           f"{record['n_impostor']} impostor and {record['n_genuine']} genuine probes"
+           + (f", DIR {record['dir']:.3f}" if record["dir"] is not None else ", DIR unknown")
            + f", {time.perf_counter() - t0:.1f}s", quiet)

@@ -175,6 +175,25 @@ class ImpostorModel:
                     return float(math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0))))
         return float(self._tail_fmr(threshold))
 
+    def fmr_at_many(self, thresholds: np.ndarray) -> np.ndarray:
+        """:meth:`fmr_at` for an array of thresholds (vectorised)."""
+        t = np.asarray(thresholds, dtype=np.float64)
+        emp_f = np.asarray([f for f, e in zip(self.fmr, self.empirical) if e])
+        emp_t = np.asarray([t_ for t_, e in zip(self.thresholds, self.empirical) if e])
+        u, p_u, xi, sigma = (self.tail[k] for k in ("u", "p_u", "xi", "sigma"))
+        z = (t - u) / sigma
+        if abs(xi) < 1e-9:
+            tail = p_u * np.exp(-z)
+        else:
+            base = 1.0 + xi * z
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                tail = np.where(base > 0, p_u * np.abs(base) ** (-1.0 / xi), 0.0)
+        if emp_t.size == 0:
+            return np.minimum(tail, 1.0)
+        # np.interp needs increasing x: thresholds rise as rates fall
+        inside = np.exp(np.interp(t, emp_t, np.log(emp_f)))
+        return np.where(t <= emp_t[-1], inside, np.minimum(tail, emp_f[-1]))
+
     def threshold_for_fpir(self, fpir: float, n_comparisons: int) -> float:
         """The threshold giving ``fpir`` for a probe compared with ``n_comparisons`` entries."""
         return self.threshold_at_fmr(per_comparison_fmr(fpir, n_comparisons))
@@ -182,6 +201,33 @@ class ImpostorModel:
     def expected_fpir(self, threshold: float, n_comparisons: int) -> float:
         """The FPIR the model predicts at ``threshold`` for ``n_comparisons`` entries."""
         return fpir_from_fmr(self.fmr_at(threshold), n_comparisons)
+
+
+def estimate_shift(model: ImpostorModel, best_scores: np.ndarray, n_comparisons: np.ndarray,
+                   grid: np.ndarray | None = None) -> tuple[float, float]:
+    """How much higher impostor scores run in the user's data than in the model's.
+
+    ``best_scores[i]`` is the best score of an impostor probe compared with
+    ``n_comparisons[i]`` entries. Under the model shifted by ``d`` its distribution is
+    ``F(s) = (1 − FMR(s − d))^N``; returns the maximum-likelihood ``d`` on a grid and the
+    log-likelihood gain over ``d = 0`` (twice it is the likelihood-ratio statistic).
+    """
+    s = np.asarray(best_scores, dtype=np.float64)
+    n = np.asarray(n_comparisons, dtype=np.float64)
+    if s.size == 0:
+        return 0.0, 0.0
+    grid = np.linspace(-0.3, 0.3, 121) if grid is None else np.asarray(grid, dtype=np.float64)
+    eps = 2e-3
+
+    def loglik(d: float) -> float:
+        hi = np.clip(model.fmr_at_many(s + eps - d), 0.0, 1.0 - 1e-12)
+        lo = np.clip(model.fmr_at_many(s - eps - d), 0.0, 1.0 - 1e-12)
+        dens = (np.exp(n * np.log1p(-hi)) - np.exp(n * np.log1p(-lo))) / (2 * eps)
+        return float(np.log(np.maximum(dens, 1e-300)).sum())
+
+    ll = np.asarray([loglik(d) for d in grid])
+    best = int(np.argmax(ll))
+    return float(grid[best]), float(ll[best] - loglik(0.0))
 
 
 def comparisons(aggregation: str, n_vectors: int, n_people: int) -> int:
