@@ -42,14 +42,21 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("calibrate_embedder")
 
 
-def dev_people(data: Path, val_fraction: float, seed: int) -> dict[str, list[Path]]:
-    """LFW DevTrain people in the held-out (validation) split, with their photos."""
+def dev_people(data: Path, val_fraction: float, seed: int) -> tuple[dict[str, list[Path]], str]:
+    """LFW DevTrain people held out of every embedder's training, with their photos, and the
+    name of the function that chose them."""
     from facepipe.datasets import list_identities
-    from facepipe.train.embedder_data import people_split
+    from facepipe.train import embedder_data
 
     lfw = list_identities(data / "identities" / "lfw_devtrain")
-    _, val = people_split(np.asarray(sorted(lfw)), val_fraction, seed)
-    return {p: lfw[p] for p in sorted(val)}
+    bench = getattr(embedder_data, "benchmark_heldout_people", None)
+    if bench is not None and (val_fraction, seed) == (0.2, 0):
+        _, val = bench(data / "identities" / "lfw_devtrain")
+        how = "facepipe.train.embedder_data.benchmark_heldout_people"
+    else:
+        _, val = embedder_data.people_split(np.asarray(sorted(lfw)), val_fraction, seed)
+        how = "facepipe.train.embedder_data.people_split"
+    return {p: lfw[p] for p in sorted(val)}, how
 
 
 def embed_photos(pipe: object, people: dict[str, list[Path]], cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -107,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     detector = args.detector or defaults.DETECTOR
     pipe = build_pipeline(detector, str(args.checkpoint), args.device, largest_only=True)
     emb_id = pipe.embedder.embedder_id
-    people = dev_people(data_root(), args.val_fraction, args.seed)
+    people, split_fn = dev_people(data_root(), args.val_fraction, args.seed)
     n_photos = sum(len(v) for v in people.values())
     log.info("%s: %d held-out LFW people, %d photos", emb_id, len(people), n_photos)
     cache = args.cache / f"{emb_id.replace('@', '_').replace('+', '_')}_{detector}_lfwval{args.val_fraction}-s{args.seed}.npz"
     vecs, labels = embed_photos(pipe, people, cache)
     data = {
         "set": "LFW DevTrain (deep-funneled), people held out of embedder training",
-        "split": {"function": "facepipe.train.embedder_data.people_split", "val_fraction": args.val_fraction,
+        "split": {"function": split_fn, "val_fraction": args.val_fraction,
                   "seed": args.seed},
         "pipeline": {"detector": detector, "face": "largest", "alignment": "the embedder's (FacePipeline)"},
         "photos": n_photos, "photos_with_a_face": int(len(vecs)),
