@@ -80,7 +80,8 @@ def gallery_embedder(gallery: Any) -> str:
     1. the id's name part (``name@hash``) when it is a registered embedder name;
     2. a shipped checkpoint (``facepipe/weights/embedder_*.pt``) whose sha256 is the
        manifest's ``checkpoint_sha256``, or whose recorded ``name`` is the id's name;
-    3. the checkpoint path recorded at enrolment, if that file still has the same sha256.
+    3. the checkpoint path recorded at enrolment, if that file still has the same sha256;
+    4. failing those, every registered embedder is loaded (CPU) and its id compared.
 
     Raises :class:`GalleryError` naming the embedder when none is available here; the
     caller then loads it and :meth:`Gallery.check_embedder` confirms the exact id.
@@ -103,6 +104,15 @@ def gallery_embedder(gallery: Any) -> str:
     source = (record.get("describe") or {}).get("source")
     if source and Path(source).is_file() and (not want_sha or sha256_file(source) == want_sha):
         return str(source)
+    from facepipe.embed import load_embedder
+    from facepipe.errors import FacepipeError
+
+    for candidate in available_embedders():
+        try:
+            if load_embedder(candidate, device="cpu").embedder_id == emb_id:
+                return candidate
+        except FacepipeError:
+            continue  # e.g. dlib without the [peers] extra
     raise GalleryError(gallery.directory, f"built with embedder {emb_id!r}, which is not available here; "
                        "pass --embedder with its checkpoint, or re-embed the gallery "
                        "(facepipe gallery reembed)")

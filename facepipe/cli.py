@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("facepipe.commands.train", "train", "Train the face classifier or the embedder."),
     "enroll": ("facepipe.commands.enroll", "enroll", "Enrol people's photos into a face gallery."),
     "identify": ("facepipe.commands.identify", "identify", "Name the faces in images, or call them unknown."),
-    "gallery": ("facepipe.commands.gallery", "gallery", "List, inspect, remove from and calibrate a gallery."),
+    "gallery": ("facepipe.commands.gallery", "gallery", "List, inspect, calibrate, re-embed or remove from a gallery."),
     "explain": ("facepipe.commands.explain", "explain", "Show why: detector Grad-CAM, and with -g the gallery match."),
     "video": ("facepipe.commands.video", "video", "Detect, track and identify faces in video files."),
     "embed": ("facepipe.commands.embed", "embed", "Write face embeddings (NumPy) with a JSON sidecar."),

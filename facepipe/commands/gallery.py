@@ -272,3 +272,12 @@ def calibrate(gallery_dir: Path, fpir: float | None, impostor_root: Path | None,
            f"{record['n_impostor']} impostor and {record['n_genuine']} genuine probes"
            + (f", DIR {record['dir']:.3f}" if record["dir"] is not None else ", DIR unknown")
            + f", {time.perf_counter() - t0:.1f}s", quiet)
+
+
+def _register_reembed() -> None:
+    from facepipe.commands.reembed import reembed
+
+    gallery.add_command(reembed)
+
+
+_register_reembed()

@@ -28,9 +28,10 @@ class MTCNNDetector(Detector):
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         device: str = "auto",
     ) -> None:
-        from facenet_pytorch import MTCNN
-
         from facepipe.device import resolve_device
+        from facepipe.fastimport import mtcnn_class
+
+        MTCNN = mtcnn_class()  # noqa: N806 (facenet-pytorch's class, without all of torchvision)
 
         self.device = resolve_device(device)
         self.min_size = int(min_size)
