@@ -103,6 +103,10 @@ class Detection:
             return None
         return np.asarray(self.landmarks, dtype=np.float32)
 
+    def clipped(self, width: int, height: int) -> "Detection":
+        """This detection with its box clipped to a ``width`` × ``height`` image."""
+        return Detection(self.box.clip(width, height), self.score, self.detector, self.landmarks)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary: x, y, w, h, det_score, detector[, landmarks].
 
