@@ -316,31 +316,65 @@ def gallery_option(required: bool = True, help_text: str = "Gallery directory.")
                         type=click.Path(file_okay=False, path_type=Path), help=help_text)
 
 
+_ENGINE_PARAMS = ("engine_name", "ray_address", "ray_workers", "workers")
+
+
+def _check_engine_options(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Usage errors among --engine, --ray-*, --workers, raised while parsing (before any model loads):
+    the check runs in whichever of these options click processes last."""
+    if param.name == "workers" and value == 0:
+        raise click.BadParameter("must be at least 1 (or -1: one per CPU)", ctx, param)
+    seen = {k: ctx.params[k] for k in _ENGINE_PARAMS if k in ctx.params}
+    seen[param.name or ""] = value
+    present = [p.name for p in ctx.command.params if p.name in _ENGINE_PARAMS]
+    if all(k in seen for k in present):
+        engine = seen.get("engine_name", "local")
+        if engine != "ray" and (seen.get("ray_address") or seen.get("ray_workers")):
+            raise click.UsageError("--ray-address and --ray-workers need --engine ray", ctx)
+        if engine == "ray" and seen.get("workers", 1) != 1:
+            raise click.UsageError("--workers applies to --engine local; with --engine ray use --ray-workers", ctx)
+    return value
+
+
 def engine_options(fn: F) -> F:
     """Add ``--engine``, ``--ray-address`` and ``--ray-workers`` to a batch command."""
     fn = click.option("--ray-workers", type=click.IntRange(min=0), default=0, show_default=True,
+                      callback=_check_engine_options,
                       help="--engine ray: workers (Ray actors, each holding the models once); 0: one per "
                            "GPU of the cluster, or one per CPU without GPUs.")(fn)
-    fn = click.option("--ray-address", default=None, metavar="HOST:PORT",
+    fn = click.option("--ray-address", default=None, metavar="HOST:PORT", callback=_check_engine_options,
                       help="--engine ray: join the cluster started with `ray start --head` there "
                            "(inputs and outputs must be at the same paths on every machine); "
                            "without it, a local Ray instance is started on this machine.")(fn)
     fn = click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
-                      show_default=True,
-                      help="local: this process; ray: spread the work over Ray workers (same outputs).")(fn)
-    return fn
+                      show_default=True, callback=_check_engine_options,
+                      help="local: this machine (--workers processes); ray: spread the work over Ray workers "
+                           "(same outputs).")(fn)
+    return workers_option(fn)
+
+
+def workers_option(fn: F) -> F:
+    """``--workers/--cpus N``: local worker processes (face_recognition's ``--cpus``; -1 = one per CPU)."""
+    return click.option("--workers", "--cpus", "workers", type=click.IntRange(min=-1), default=defaults.WORKERS,
+                        show_default=True, metavar="N", callback=_check_engine_options,
+                        help="--engine local: worker processes, each loading the models once (-1: one per CPU; "
+                             "1: this process). Pays off on batches of many images.")(fn)
 
 
 def make_engine(engine_name: str, ray_address: str | None, ray_workers: int, device: str = "auto",
-                verbose: int = 0) -> Any:
+                verbose: int = 0, workers: int = 1) -> Any:
     """The engine the command-line options ask for (one-line error when it cannot start)."""
     from facepipe.engine import create_engine
 
     if engine_name != "ray" and (ray_address or ray_workers):
         raise click.UsageError("--ray-address and --ray-workers need --engine ray")
+    if workers == 0:
+        raise click.UsageError("--workers must be at least 1 (or -1: one per CPU)")
+    if engine_name == "ray" and workers != 1:
+        raise click.UsageError("--workers applies to --engine local; with --engine ray use --ray-workers")
     try:
         if engine_name == "ray":
             return create_engine("ray", ray_address, ray_workers, device=device, log_to_driver=verbose > 0)
-        return create_engine(engine_name)
+        return create_engine(engine_name, workers=workers)
     except FacepipeError as exc:
         raise fail(exc) from exc

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
 import click
 
 from facepipe.builders import HAAR_BASED, build_detector
 from facepipe.commands._common import (
     BatchTally, RecordWriter, annotated_path, detector_option, device_option, expand_inputs, fail, format_option,
-    min_detect_size_option, progress, report, setup_logging, verbosity_options,
+    make_engine, min_detect_size_option, progress_bar, report, setup_logging, verbosity_options, workers_option,
 )
-from facepipe.errors import FacepipeError
+from facepipe.errors import FacepipeError, ImageReadError
 
 CSV_HEADER = ["path", "top", "right", "bottom", "left", "det_score"]
 
@@ -33,6 +34,7 @@ CSV_HEADER = ["path", "top", "right", "bottom", "left", "det_score"]
 @click.option("--annotate", "annotate_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Write copies of the images with boxes drawn into this directory.")
 @device_option
+@workers_option
 @verbosity_options
 def detect(
     paths: tuple[str, ...],
@@ -45,6 +47,7 @@ def detect(
     header: bool,
     annotate_dir: Path | None,
     device: str | None,
+    workers: int,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -54,10 +57,11 @@ def detect(
     bmp, webp, pgm, ppm, tif, tiff) or a glob such as 'photos/*.jpg'. Bad files
     are reported on stderr and skipped; the exit code is 1 if any input failed.
     """
-    from facepipe.draw import draw_detections
-    from facepipe.io import ensure_output_dir, load_image, save_image
-
     from facepipe import defaults
+    from facepipe.draw import draw_detections
+    from facepipe.engine import WorkerFactory
+    from facepipe.engine.work import detect_image
+    from facepipe.io import ensure_output_dir, load_image, save_image
 
     setup_logging(quiet, verbose)
     detector_name = detector_name or defaults.DETECTOR
@@ -67,7 +71,9 @@ def detect(
     try:
         if annotate_dir is not None:
             annotate_dir = ensure_output_dir(annotate_dir)
-        detector = build_detector(detector_name, cascade, min_detect_size, scale_factor, min_neighbors, device)
+        factory = WorkerFactory(build_detector, detector_name, cascade, min_detect_size, scale_factor,
+                                min_neighbors, device)
+        factory()  # build here first: a bad option is one line before any work starts
     except FacepipeError as exc:
         raise fail(exc) from exc
     except ValueError as exc:
@@ -78,32 +84,39 @@ def detect(
     writer = RecordWriter(fmt, CSV_HEADER if header else None)
     used: set[Path] = set()
     t0 = time.perf_counter()
-    for item in progress(files, total=len(files), desc="detect", quiet=quiet, unit="img"):
-        path_str = os.fspath(item.path)
-        try:
-            image = load_image(item.path)
-            faces = detector.detect(image)
-            if annotate_dir is not None:
-                save_image(annotated_path(annotate_dir, item.relative, used),
-                           draw_detections(image, faces))
-        except FacepipeError as exc:
-            tally.fail(str(exc))
-            if fmt != "csv":
-                writer.record({"path": path_str, "error": getattr(exc, "problem", str(exc))})
-            continue
-        tally.ok += 1
-        tally.items += len(faces)
-        if fmt == "csv":
-            for f in faces:
-                top, right, bottom, left = f.box.trbl()
-                writer.csv_row([path_str, top, right, bottom, left, f"{f.score:.4f}"])
-        else:
-            writer.record({
-                "path": path_str,
-                "width": int(image.shape[1]),
-                "height": int(image.shape[0]),
-                "faces": [f.to_dict() for f in faces],
-            })
+    bar = progress_bar(len(files), "detect", quiet, unit="img")
+    engine = make_engine("local", None, 0, device or defaults.DEVICE, verbose, workers)
+    try:
+        outcomes = engine.map(factory, detect_image, [f.path for f in files], ordered=True,
+                              on_done=lambda _o: bar.update(1))
+        for item, outcome in zip(files, outcomes):
+            path_str = os.fspath(item.path)
+            rec = outcome.value
+            try:
+                if not outcome.ok or rec is None or rec.error is not None:
+                    problem = outcome.error if not outcome.ok else (rec.problem or rec.error)
+                    raise ImageReadError(item.path, str(problem))
+                faces = list(rec.faces)
+                if annotate_dir is not None:
+                    save_image(annotated_path(annotate_dir, item.relative, used),
+                               draw_detections(load_image(item.path), faces))
+            except FacepipeError as exc:
+                tally.fail(str(exc))
+                if fmt != "csv":
+                    writer.record({"path": path_str, "error": getattr(exc, "problem", str(exc))})
+                continue
+            tally.ok += 1
+            tally.items += len(faces)
+            if fmt == "csv":
+                for f in faces:
+                    top, right, bottom, left = f.box.trbl()
+                    writer.csv_row([path_str, top, right, bottom, left, f"{f.score:.4f}"])
+            else:
+                writer.record({"path": path_str, "width": rec.width, "height": rec.height,
+                               "faces": [f.to_dict() for f in faces]})
+    finally:
+        bar.close()
+        engine.close()
     writer.close()
     elapsed = time.perf_counter() - t0
     if len(files) > 1 or tally.failed:

@@ -49,7 +49,7 @@ def _write_atomic(path: Path, write: Any) -> None:
 @verbosity_options
 def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder_name: str | None,
           device: str | None, min_detect_size: int | None, min_embed_size: int, largest_only: bool, overwrite: bool, batch_images: int,
-          engine_name: str, ray_address: str | None, ray_workers: int, quiet: bool, verbose: int) -> None:
+          engine_name: str, ray_address: str | None, ray_workers: int, workers: int, quiet: bool, verbose: int) -> None:
     """Write one embedding per detected face to a NumPy file plus a JSON sidecar.
 
     PATH is an image, a directory (searched recursively) or a glob. Row k of the
@@ -86,7 +86,7 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
     failed: list[dict[str, str]] = []
     t0 = time.perf_counter()
     bar = progress_bar(len(files), "embed", quiet, unit="img")
-    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose, workers)
     try:
         for res in map_images(engine, factory, [f.path for f in files], batch_images, on_images=bar.update):
             src = os.fspath(res.path)

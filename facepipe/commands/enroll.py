@@ -150,7 +150,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
            index_type: str, index_params: tuple[str, ...], aggregation: str, fpir: float | None,
            threshold: float | None, commit_every: int,
            detector_name: str | None, embedder_name: str | None, device: str | None, min_detect_size: int | None,
-           min_embed_size: int, engine_name: str, ray_address: str | None, ray_workers: int,
+           min_embed_size: int, engine_name: str, ray_address: str | None, ray_workers: int, workers: int,
            quiet: bool, verbose: int) -> None:
     """Enrol people into a gallery: NAME IMAGE... or --from-folders ROOT.
 
@@ -277,7 +277,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
             return len(fresh)
 
     first = True
-    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose, workers)
     try:
         for it, res in zip(todo, map_images(engine, factory, [it.path for it in todo], on_images=bar.update)):
             try:

@@ -82,7 +82,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
              show_similarity_old: bool, show_margin: bool, header: bool, annotate_dir: Path | None,
              search_device: str, detector_name: str | None, embedder_name: str | None, device: str | None,
              min_detect_size: int | None, min_embed_size: int, engine_name: str, ray_address: str | None,
-             ray_workers: int, quiet: bool, verbose: int) -> None:
+             ray_workers: int, workers: int, quiet: bool, verbose: int) -> None:
     """Identify the faces in images against a gallery.
 
     Every face gets the best enrolled person's name when its distance
@@ -137,7 +137,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
     used: set[Path] = set()
     t0 = time.perf_counter()
     bar = progress_bar(len(files), "identify", quiet, unit="img")
-    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose)
+    engine = make_engine(engine_name, ray_address, ray_workers, device or "auto", verbose, workers)
     try:
         for item, result in zip(files, map_images(engine, factory, [f.path for f in files], on_images=bar.update)):
             path_str = os.fspath(item.path)

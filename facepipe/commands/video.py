@@ -123,6 +123,7 @@ def video(
     engine_name: str,
     ray_address: str | None,
     ray_workers: int,
+    workers: int,
     quiet: bool,
     verbose: int,
 ) -> None:
@@ -218,7 +219,7 @@ def video(
         bars.clear()
         overall.update(1)
 
-    engine = make_engine(engine_name, ray_address, ray_workers, device, verbose)
+    engine = make_engine(engine_name, ray_address, ray_workers, device, verbose, workers)
     try:
         for outcome in engine.map(factory, run_video_job, jobs, on_done=on_done, item_progress=item_progress):
             if not outcome.ok:

@@ -28,12 +28,18 @@ ENGINES = ("local", "ray")
 
 def create_engine(name: str = "local", address: str | None = None, workers: int = 0, **ray_options: Any) -> Engine:
     """The engine called ``name``; ``address``/``workers``/``ray_options`` go to
-    :class:`~facepipe.engine.ray_engine.RayEngine`. Raises
+    :class:`~facepipe.engine.ray_engine.RayEngine`. For ``local``, ``workers`` > 1 (or -1:
+    one per CPU) runs the items in that many local processes
+    (:class:`~facepipe.engine.pool.PoolEngine`). Raises
     :class:`~facepipe.engine.ray_engine.EngineError` when Ray is missing or the
     cluster cannot be reached, ``ValueError`` for an unknown name."""
     if name == "local":
         if address:
             raise ValueError("--ray-address needs --engine ray")
+        if workers not in (0, 1):
+            from facepipe.engine.pool import PoolEngine
+
+            return PoolEngine(workers)  # --workers N: local worker processes
         return LocalEngine()
     if name == "ray":
         from facepipe.engine.ray_engine import RayEngine

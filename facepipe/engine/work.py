@@ -141,3 +141,30 @@ def largest_face_embedding(result: ImageAnalysis) -> np.ndarray:
         raise ImageReadError(result.path, "no face found")
     best = max(result.faces, key=lambda f: f.detection.box.area)
     return np.asarray(best.embedding, dtype=np.float32)
+
+
+@dataclass(eq=False)
+class ImageDetections:
+    """One image's detections (``detect``), or why it failed."""
+
+    path: Path
+    width: int = 0
+    height: int = 0
+    faces: tuple[Any, ...] = ()       # facepipe.types.Detection
+    error: str | None = None
+    problem: str | None = None
+
+
+def detect_image(detector: Any, path: str | os.PathLike[str],
+                 progress: Callable[[str, int, int], None] | None = None) -> ImageDetections:
+    """Load one image and run ``detector`` on it; a file that cannot be read gets its error."""
+    from facepipe.io import load_image
+
+    rec = ImageDetections(Path(path))
+    try:
+        image = load_image(path)
+        rec.height, rec.width = int(image.shape[0]), int(image.shape[1])
+        rec.faces = tuple(detector.detect(image))
+    except FacepipeError as exc:
+        rec.error, rec.problem = str(exc), getattr(exc, "problem", str(exc))
+    return rec
