@@ -71,6 +71,13 @@ TARGET_FPIR = 0.01
 #: runner-up person by less than this is reported as unknown. 0 disables the rule.
 MIN_MARGIN = 0.0
 
+#: video: seconds after a track ends within which a track with the same face (embeddings)
+#: is joined to it (re-identification; 0 disables it).
+VIDEO_REID_GAP = 5.0
+
+#: video: tracks seen in fewer analysed frames are dropped as spurious detections.
+VIDEO_MIN_TRACK_FRAMES = 3
+
 #: Face-classifier weights whose decisions ``explain`` visualises.
 EXPLAIN_WEIGHTS = "finetune"
 

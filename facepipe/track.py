@@ -101,6 +101,8 @@ class Track:
     embedded: int = 0
     votes: list[tuple[str, float]] = field(default_factory=list)
     det_scores: list[float] = field(default_factory=list)
+    first_box: Box | None = None
+    first_embedding: np.ndarray | None = None
 
     def predict(self, t: float) -> Box:
         """Where this track's box is expected at time ``t`` (constant velocity)."""
@@ -228,6 +230,8 @@ class Tracker:
                 track_id=self._next_id, box=o.detection.box, last_time=t, first_time=t,
                 first_frame=frame_index, last_frame=frame_index,
                 embedding=None if o.embedding is None else np.asarray(o.embedding, dtype=np.float64),
+                first_box=o.detection.box,
+                first_embedding=None if o.embedding is None else np.asarray(o.embedding, dtype=np.float64),
             )
             self._record(tr, o)
             self._next_id += 1
@@ -250,6 +254,8 @@ class Tracker:
         tr.hits += 1
         if o.embedding is not None:
             e = np.asarray(o.embedding, dtype=np.float64)
+            if tr.first_embedding is None:
+                tr.first_embedding = e
             if tr.embedding is None:
                 tr.embedding = e
             else:
@@ -265,6 +271,93 @@ class Tracker:
             tr.embedded += 1
         if o.name is not None:
             tr.votes.append((o.name, float(o.score) if o.score is not None else 0.0))
+
+
+def _majority_name(tr: Track) -> str | None:
+    names = [n for n, _ in tr.votes if n != UNKNOWN]
+    if not names or len(names) * 2 < len(tr.votes):
+        return None
+    return max(set(names), key=names.count)
+
+
+def stitch_tracks(tracks: Sequence[Track], sim_min: float, max_gap_s: float = 5.0,
+                  cut_times: Sequence[float] = (), max_jump: float = 3.0) -> dict[int, int]:
+    """Re-identification after tracking: which tracks are continuations of an earlier one.
+
+    A track B continues an earlier track A when B starts after A ended, at most
+    ``max_gap_s`` later; both have embeddings and A's latest embedding and B's first
+    are alike (cosine at least ``sim_min``); within one shot (no time in ``cut_times``
+    between them) B starts within ``max_jump`` face sizes of where A was last seen; and
+    their frames do not name two different people. Pairs are joined greedily, most
+    similar first, each track continuing and continued at most once (so chains form:
+    a face lost twice is joined twice). Returns ``{track_id: id of its chain's first
+    track}`` for every track (unchanged ids map to themselves).
+    """
+    by_id = {t.track_id: t for t in tracks}
+    cuts = sorted(float(c) for c in cut_times)
+    pairs: list[tuple[float, int, int]] = []
+    for a in tracks:
+        if a.embedding is None:
+            continue
+        for b in tracks:
+            if b is a or b.first_embedding is None:
+                continue
+            gap = b.first_time - a.last_time
+            if gap <= 0 or gap > max_gap_s:
+                continue
+            sim = float(np.dot(a.embedding, b.first_embedding)
+                        / max(np.linalg.norm(a.embedding) * np.linalg.norm(b.first_embedding), 1e-12))
+            if sim < sim_min:
+                continue
+            same_shot = not any(a.last_time < c <= b.first_time for c in cuts)
+            if same_shot and b.first_box is not None:
+                (ax, ay), (bx, by) = a.box.center, b.first_box.center
+                size = max(a.box.w, a.box.h, b.first_box.w, b.first_box.h, 1.0)
+                if np.hypot(ax - bx, ay - by) > max_jump * size:
+                    continue
+            na, nb = _majority_name(a), _majority_name(b)
+            if na is not None and nb is not None and na != nb:
+                continue
+            pairs.append((sim, a.track_id, b.track_id))
+    nxt: dict[int, int] = {}
+    prv: dict[int, int] = {}
+    for _sim, a_id, b_id in sorted(pairs, key=lambda p: -p[0]):
+        if a_id in nxt or b_id in prv:
+            continue
+        # B must not overlap in time any track already in A's chain (it starts after A,
+        # and A's chain only has earlier tracks), nor may the chain loop.
+        root = a_id
+        while root in prv:
+            root = prv[root]
+        if root == b_id:
+            continue
+        nxt[a_id], prv[b_id] = b_id, a_id
+    out: dict[int, int] = {}
+    for tid in by_id:
+        root = tid
+        while root in prv:
+            root = prv[root]
+        out[tid] = root
+    return out
+
+
+def merge_tracks(tracks: Sequence[Track], mapping: dict[int, int]) -> list[Track]:
+    """Tracks joined as ``mapping`` (from :func:`stitch_tracks`) says: one per chain, with the
+    chain's first id, its first and last times, and all frames' votes and scores."""
+    chains: dict[int, list[Track]] = {}
+    for t in sorted(tracks, key=lambda t: t.first_time):
+        chains.setdefault(mapping.get(t.track_id, t.track_id), []).append(t)
+    out = []
+    for root, parts in chains.items():
+        first, last = parts[0], parts[-1]
+        out.append(Track(
+            track_id=root, box=last.box, last_time=last.last_time, first_time=first.first_time,
+            first_frame=first.first_frame, last_frame=last.last_frame, velocity=last.velocity,
+            embedding=last.embedding, hits=sum(p.hits for p in parts), embedded=sum(p.embedded for p in parts),
+            votes=[v for p in parts for v in p.votes], det_scores=[d for p in parts for d in p.det_scores],
+            first_box=first.first_box, first_embedding=first.first_embedding,
+        ))
+    return sorted(out, key=lambda t: t.track_id)
 
 
 def covered_by_tracks(tracker: Tracker, t: float, boxes: Sequence[Box], min_embedded: int = 3,

@@ -14,6 +14,22 @@ from typing import Any
 import numpy as np
 
 
+#: Detectors whose score is not a probability: Haar's is the cascade's last-stage response
+#: (OpenCV's ``detectMultiScale3`` level weight, roughly 0.5-6). Their score is reported as
+#: ``det_response`` and ``det_score`` is null, so ``det_score`` is always a face
+#: probability in 0..1 (MTCNN, the CNN detector, Haar+CNN) wherever it appears.
+RESPONSE_SCORE_DETECTORS = frozenset({"haar"})
+
+
+def score_fields(detector: str, score: float | None) -> dict[str, float | None]:
+    """``{"det_score": p}`` for probabilistic detectors, ``{"det_score": None, "det_response": r}``
+    for those in :data:`RESPONSE_SCORE_DETECTORS`."""
+    value = None if score is None else round(float(score), 5)
+    if detector in RESPONSE_SCORE_DETECTORS:
+        return {"det_score": None, "det_response": value}
+    return {"det_score": value}
+
+
 @dataclass(frozen=True)
 class Box:
     """An axis-aligned box ``(x, y, w, h)`` in pixels."""
@@ -108,17 +124,19 @@ class Detection:
         return Detection(self.box.clip(width, height), self.score, self.detector, self.landmarks)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary: x, y, w, h, det_score, detector[, landmarks].
+        """JSON-ready dictionary: x, y, w, h, det_score[, det_response], detector[, landmarks].
 
         The detector's confidence is ``det_score`` (never plain ``score``), so it cannot be
-        confused with an identity's similarity or distance in the same record.
+        confused with an identity's similarity or distance in the same record; it is a
+        probability in 0..1, or null with the raw ``det_response`` for detectors whose score
+        is not one (:data:`RESPONSE_SCORE_DETECTORS`).
         """
         d: dict[str, Any] = {
             "x": round(self.box.x, 2),
             "y": round(self.box.y, 2),
             "w": round(self.box.w, 2),
             "h": round(self.box.h, 2),
-            "det_score": round(float(self.score), 5),
+            **score_fields(self.detector, self.score),
             "detector": self.detector,
         }
         if self.landmarks is not None:

@@ -154,11 +154,17 @@ def test_help_texts() -> None:
     assert "enroll [OPTIONS] (NAME IMAGE... | --from-folders ROOT)" in r.output.splitlines()[0]
 
 
-def test_detection_score_is_det_score(astronaut_path: Path) -> None:
+def test_detection_score_is_det_score_on_a_0_1_scale(astronaut_path: Path) -> None:
+    """det_score is a face probability everywhere; Haar's cascade response has its own key."""
+    r = run("detect", "--detector", "mtcnn", "--format", "jsonl", astronaut_path)
+    face = json.loads(r.stdout.splitlines()[0])["faces"][0]
+    assert "score" not in face and 0.0 <= face["det_score"] <= 1.0 and "det_response" not in face
     r = run("detect", "--detector", "haar", "--format", "jsonl", astronaut_path)
     face = json.loads(r.stdout.splitlines()[0])["faces"][0]
-    assert "det_score" in face and "score" not in face
+    assert face["det_score"] is None and face["det_response"] > 1.0  # a response, not a probability
     r = run("detect", "--detector", "haar", "--header", astronaut_path)
+    assert r.stdout.splitlines()[0].endswith(",det_response")
+    r = run("detect", "--detector", "mtcnn", "--header", astronaut_path)
     assert r.stdout.splitlines()[0].endswith(",det_score")
 
 

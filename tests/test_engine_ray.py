@@ -104,7 +104,7 @@ def test_video_on_ray_writes_what_local_writes(ray_address: str, clips: Path, tm
         if k.endswith(".annotated.mp4"):
             continue    # re-encoded by the same encoder; compared through frames.jsonl
         assert a[k] == b[k], k
-    recs = [json.loads(x) for x in (tmp_path / "ray" / "c1.mp4.frames.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "ray" / "c1.frames.jsonl").read_text().splitlines()]
     assert {f["name"] for r in recs for f in r["faces"]} == {"eileen_collins"}
 
 
@@ -223,7 +223,7 @@ def test_driver_killed_mid_run_then_resume_finishes_the_rest(ray_address: str, t
     for name, (mtime, content) in done_before.items():
         assert (out / name).stat().st_mtime_ns == mtime and (out / name).read_bytes() == content
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept      # finished outputs untouched
-    assert sorted(p.name for p in out.glob("*.done.json")) == [f"v{i}.mp4.done.json" for i in range(6)]
+    assert sorted(p.name for p in out.glob("*.done.json")) == [f"v{i}.done.json" for i in range(6)]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 

@@ -166,3 +166,30 @@ def test_schemas_reject_wrong_output() -> None:
     assert not v.is_valid(bad_score)
     assert not v.is_valid({**good, "faces": [{**face, "distance": 2.5}]})
     assert not v.is_valid({**good, "faces": [{k: x for k, x in face.items() if k != "tolerance"}]})
+
+
+def test_video_outputs(files: dict[str, Path], tmp_path: Path, astronaut: np.ndarray) -> None:
+    """frames.jsonl and tracks.json, with a gallery (MTCNN: det_score) and without (Haar: det_response)."""
+    from test_video import face_clip
+
+    clip = face_clip(tmp_path / "clip.mp4", astronaut, n=6)
+    out = tmp_path / "out"
+    r = run("video", clip, "--out", out, "-g", files["g"], "--device", "cpu", "--no-annotate", "--stride", "2")
+    assert r.exit_code == 0, r.output
+    assert (out / "clip.tracks.csv").is_file() and not list(out.glob("*.mp4.*"))
+    frames = _jsonl((out / "clip.frames.jsonl").read_text())
+    assert any(f.get("interpolated") for rec in frames for f in rec["faces"])
+    _valid("video-frame", frames)
+    tracks = json.loads((out / "clip.tracks.json").read_text())
+    assert all(t["identity"] for t in tracks["tracks"])  # never empty with a gallery
+    _valid("video-tracks", [tracks])
+    out2 = tmp_path / "out2"
+    r = run("video", clip, "--out", out2, "--detector", "haar", "--min-detect-size", "40", "--no-annotate")
+    assert r.exit_code == 0, r.output
+    frames = _jsonl((out2 / "clip.frames.jsonl").read_text())
+    face = frames[0]["faces"][0]
+    assert face["det_score"] is None and face["det_response"] > 0
+    _valid("video-frame", frames)
+    tracks = json.loads((out2 / "clip.tracks.json").read_text())
+    assert tracks["tracks"][0]["identity"] is None and tracks["tracks"][0]["mean_det_response"] > 0
+    _valid("video-tracks", [tracks])

@@ -40,13 +40,13 @@ def test_video_command_processes_a_folder_and_reports_bad_files(tmp_path: Path,
     assert any("broken.avi" in ln and "truncated" in ln for ln in err_lines)
     assert any("junk.mkv" in ln and "cannot open" in ln for ln in err_lines)
     assert "moov" not in proc.stderr and "WARN" not in proc.stderr   # decoder noise is hidden
-    done = out / "day1" / "walk.mp4.done.json"
+    done = out / "day1" / "walk.done.json"
     assert done.is_file()
     for kind in ("frames.jsonl", "tracks.csv", "tracks.json", "annotated.mp4"):
-        assert (out / "day1" / f"walk.mp4.{kind}").is_file()
+        assert (out / "day1" / f"walk.{kind}").is_file()
     # the bad files left nothing that could look like a result
     assert sorted(p.name for p in out.iterdir()) == ["day1"]
-    recs = [json.loads(x) for x in (out / "day1" / "walk.mp4.frames.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "day1" / "walk.frames.jsonl").read_text().splitlines()]
     assert len(recs) == 8 and all(r["faces"] for r in recs)
 
 
@@ -56,9 +56,9 @@ def test_resume_skips_finished_videos_only_with_the_same_settings(tmp_path: Path
     out = tmp_path / "out"
     r = _run([str(src), "--out", str(out), "--no-annotate", "--min-size", "40"])
     assert r.exit_code == 0, r.output
-    marker = out / "a.mp4.done.json"
+    marker = out / "a.done.json"
     first = marker.read_text()
-    assert not (out / "a.mp4.annotated.mp4").exists()
+    assert not (out / "a.annotated.mp4").exists()
     r = _run([str(src), "--out", str(out), "--no-annotate", "--min-size", "40", "--resume"])
     assert r.exit_code == 0 and "skipped" in r.output
     assert marker.read_text() == first
@@ -92,14 +92,14 @@ def test_shared_clip_gives_one_long_track(shared_data: Path, tmp_path: Path) -> 
     out = tmp_path / "out"
     r = _run([str(clip), "--out", str(out), "--stride", "5", "--no-annotate", "--min-size", "60"])
     assert r.exit_code == 0, r.output
-    summary = json.loads((out / f"{clip.name}.tracks.json").read_text())
+    summary = json.loads((out / f"{clip.stem}.tracks.json").read_text())
     assert summary["frames"] == 275 and summary["analysed_frames"] == 55
     assert summary["info"]["width"] == 640 and summary["info"]["height"] == 360
     # Haar misses him while he turns away, so there are several tracks; the longest
     # follows him for seconds without a gap longer than the tracker's 1 s.
     longest = max(summary["tracks"], key=lambda t: t["frames"])
     assert longest["frames"] >= 10 and longest["last_time"] - longest["first_time"] > 2.0
-    recs = [json.loads(x) for x in (out / f"{clip.name}.frames.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / f"{clip.stem}.frames.jsonl").read_text().splitlines()]
     assert len(recs) == 275
     times = np.array([rec["time"] for rec in recs])
     np.testing.assert_allclose(np.diff(times), 1 / 29.97, atol=2e-3)
@@ -111,6 +111,6 @@ def test_same_named_videos_from_two_folders_do_not_overwrite(tmp_path: Path, ast
     out = tmp_path / "out"
     r = _run([str(a), str(b), "--out", str(out), "--no-annotate", "--min-size", "40"])
     assert r.exit_code == 0, r.output
-    first = json.loads((out / "clip.mp4.done.json").read_text())
-    second = json.loads((out / "cam2" / "clip.mp4.done.json").read_text())
+    first = json.loads((out / "clip.done.json").read_text())
+    second = json.loads((out / "cam2" / "clip.done.json").read_text())
     assert (first["frames"], second["frames"]) == (3, 4)

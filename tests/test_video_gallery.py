@@ -68,16 +68,16 @@ def test_video_identifies_the_enrolled_face_on_every_frame(tmp_path: Path, astro
                                  "--batch-size", "3"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "identities: eileen_collins" in r.output
-    recs = [json.loads(x) for x in (out / "clip.mp4.frames.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "clip.frames.jsonl").read_text().splitlines()]
     faces = [f for rec in recs for f in rec["faces"]]
     assert len(faces) == 8
     assert {f["name"] for f in faces} == {"eileen_collins"}
-    assert all(f["frame_name"] == "eileen_collins" and f["frame_score"] > 0.8 for f in faces)
-    tracks = json.loads((out / "clip.mp4.tracks.json").read_text())["tracks"]
+    assert all(f["frame_name"] == "eileen_collins" and f["frame_similarity"] > 0.8 for f in faces)
+    tracks = json.loads((out / "clip.tracks.json").read_text())["tracks"]
     assert len(tracks) == 1
     assert tracks[0]["identity"] == "eileen_collins" and tracks[0]["confidence"] == pytest.approx(1.0)
-    assert tracks[0]["mean_score"] > 0.8
-    marker = json.loads((out / "clip.mp4.done.json").read_text())
+    assert tracks[0]["similarity"] > 0.8 and tracks[0]["distance"] == pytest.approx(1 - tracks[0]["similarity"], abs=1e-3)
+    marker = json.loads((out / "clip.done.json").read_text())
     assert marker["settings"]["gallery"]["threshold"] == 0.5
     assert marker["settings"]["embedder"] == embedder.embedder_id
 
@@ -196,7 +196,7 @@ def test_real_clip_performer_is_identified_by_track(shared_data: Path, tmp_path:
                                  "--embedder", "dlib", "--min-size", "60", "--stride", "4",
                                  "--no-annotate", "--threads", "1"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    summary = json.loads((out / f"{clip.name}.tracks.json").read_text())
+    summary = json.loads((out / f"{clip.stem}.tracks.json").read_text())
     assert summary["shot_cuts"] >= 2
     longest = max(summary["tracks"], key=lambda t: t["frames"])
     assert longest["identity"] == "lin_manuel_miranda" and longest["confidence"] > 0.7

@@ -28,8 +28,10 @@ CSV_HEADER = ["path", "top", "right", "bottom", "left", "det_score"]
               help="Pyramid scale step (haar) [1.1].")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=None,
               help="Overlapping raw hits a Haar face needs [3].")
-@format_option("csv: path,top,right,bottom,left,det_score (face_recognition's order plus the detection "
-               "score); json/jsonl: x, y, w, h, det_score, detector per face.")
+@format_option("csv: path,top,right,bottom,left,det_score (face_recognition's order plus the detector's "
+               "face probability; for haar the cascade's response, det_response); json/jsonl: x, y, w, h, "
+               "det_score (0-1, null for haar), det_response (haar), detector per face "
+               "(docs/schema/detect.json).")
 @click.option("--header/--no-header", default=False, show_default=True, help="CSV header row.")
 @click.option("--annotate", "annotate_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Write copies of the images with boxes drawn into this directory.")
@@ -81,7 +83,11 @@ def detect(
 
     tally = BatchTally()
     files = expand_inputs(paths, tally)
-    writer = RecordWriter(fmt, CSV_HEADER if header else None)
+    from facepipe.types import RESPONSE_SCORE_DETECTORS
+
+    # Haar's score is its cascade's response, not a probability: the column says so
+    csv_header = CSV_HEADER[:-1] + (["det_response"] if detector_name in RESPONSE_SCORE_DETECTORS else ["det_score"])
+    writer = RecordWriter(fmt, csv_header if header else None)
     used: set[Path] = set()
     t0 = time.perf_counter()
     bar = progress_bar(len(files), "detect", quiet, unit="img")

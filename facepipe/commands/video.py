@@ -27,21 +27,25 @@ def _bar(total: int | None, desc: str, unit: str, position: int, quiet: bool, le
 
 
 def _unique_relative(item: Any, used: set[Path]) -> Path:
-    """The input's path under --out; two inputs with one name (e.g. a/clip.mp4 and
-    b/clip.mp4 given as files) get their parent folders' names prefixed, then a counter."""
+    """The input's path under --out. Outputs are named by the file name without its extension,
+    so two inputs that would share an output name (a/clip.mp4 and b/clip.mp4 given as files,
+    or clip.mp4 and clip.avi side by side) get their parent folders' names prefixed, then
+    the extension, then a counter added."""
     rel = Path(item.relative)
     candidates = [rel]
     parents = Path(os.path.abspath(item.path)).parent.parts[1:]
     for k in range(1, len(parents) + 1):
         candidates.append(Path(*parents[-k:]) / rel)
+    if rel.suffix:
+        candidates.append(rel.with_name(f"{rel.stem}_{rel.suffix.lstrip('.')}{rel.suffix}"))
     for c in candidates:
-        if c not in used:
-            used.add(c)
+        if c.with_suffix("") not in used:
+            used.add(c.with_suffix(""))
             return c
     n = 2
-    while (c := rel.with_name(f"{rel.stem}_{n}{rel.suffix}")) in used:
+    while (c := rel.with_name(f"{rel.stem}_{n}{rel.suffix}")).with_suffix("") in used:
         n += 1
-    used.add(c)
+    used.add(c.with_suffix(""))
     return c
 
 
@@ -77,6 +81,11 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.option("--det-threshold", type=FiniteFloat(0.0, 1.0), default=None,
               help="Face probability a CNN detection needs (cnn, haar+cnn) [detector's default].")
 @min_embed_size_option
+@click.option("--tolerance", type=FiniteFloat(0.0, 2.0), default=None, metavar="DIST",
+              help="-g: name a face when its distance (1 − cosine similarity) is at most this "
+                   "[default: the gallery's calibrated tolerance].")
+@click.option("--min-margin", type=FiniteFloat(0.0, 2.0), default=defaults.MIN_MARGIN, show_default=True,
+              metavar="M", help="-g: per frame, call a near-tie between two people (lead below M) unknown.")
 @click.option("--landmarks", type=click.Choice(["onet", "mtcnn", "box"]), default="onet", show_default=True,
               help="Landmarks for detectors without them: onet (MTCNN's last stage on each box, batched), "
               "mtcnn (full MTCNN per face region, as identify does; slower), box (no alignment).")
@@ -99,6 +108,12 @@ def _quiet_decoder_logs(verbose: int) -> None:
               "more than this (Bhattacharyya distance; a camera cut). 0 disables.")
 @click.option("--max-gap", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Seconds a track survives without being seen.")
+@click.option("--reid-gap", type=FiniteFloat(min=0.0), default=defaults.VIDEO_REID_GAP, show_default=True,
+              metavar="SECONDS", help="Join a track to one that ended at most this long before when their faces "
+                                      "match (embeddings; same place within a shot): one track per person "
+                                      "instead of one per unbroken run of detections. 0 disables it.")
+@click.option("--min-track-frames", type=click.IntRange(min=1), default=defaults.VIDEO_MIN_TRACK_FRAMES,
+              show_default=True, help="Drop tracks seen in fewer analysed frames (spurious detections).")
 @engine_options
 @verbosity_options
 def video(
@@ -110,6 +125,8 @@ def video(
     min_detect_size: int | None,
     det_threshold: float | None,
     min_embed_size: int,
+    tolerance: float | None,
+    min_margin: float,
     landmarks: str,
     stride: int,
     batch_size: int,
@@ -120,6 +137,8 @@ def video(
     resume: bool,
     shot_cut: float,
     max_gap: float,
+    reid_gap: float,
+    min_track_frames: int,
     engine_name: str,
     ray_address: str | None,
     ray_workers: int,
@@ -130,11 +149,14 @@ def video(
     """Detect, track and (with --gallery) identify faces in videos.
 
     INPUT is a video file, a directory (searched recursively for mp4, avi, mkv,
-    mov, webm) or a glob. For each video NAME, the output directory gets
+    mov, webm) or a glob. For each video NAME.mp4, the output directory gets
     NAME.frames.jsonl (one record per frame), NAME.tracks.csv and
     NAME.tracks.json (one row per track: first/last time, frames, identity,
-    confidence), NAME.annotated.mp4 and, last, the completion marker
-    NAME.done.json. Files that cannot be decoded are reported and skipped; the
+    confidence; docs/schema/video-*.json), NAME.annotated.mp4 and, last, the
+    completion marker NAME.done.json. With -g every track gets one identity, a
+    person or `unknown` (confidence: the share of its frames' similarity-weighted
+    votes; 0 when no frame could be identified). det_score is the detector's
+    face probability (0-1); Haar reports its cascade response as det_response. Files that cannot be decoded are reported and skipped; the
     exit code is 1 if any input failed.
     """
     from facepipe.engine import WorkerFactory
@@ -160,6 +182,8 @@ def video(
             raise click.UsageError(f"--det-threshold applies to the cnn and haar+cnn detectors, "
                                    f"not {detector_name!r}")
         options["threshold"] = det_threshold
+    if gallery_dir is None and (tolerance is not None or min_margin):
+        raise click.UsageError("--tolerance and --min-margin need -g/--gallery")
     try:
         out_dir = ensure_output_dir(out_dir)
         if gallery_dir is not None and embedder_name is None:
@@ -168,7 +192,8 @@ def video(
 
             embedder_name = gallery_embedder(Gallery.open(gallery_dir, verify=False))
         factory = WorkerFactory(build_analyzer, detector_name, embedder_name, gallery_dir, device, options,
-                                min_embed_size, landmarks)
+                                min_embed_size, landmarks,
+                                threshold=None if tolerance is None else 1.0 - tolerance, min_margin=min_margin)
         analyzer = factory()
     except FacepipeError as exc:
         raise fail(exc) from exc
@@ -181,9 +206,11 @@ def video(
         if isinstance(bad, NoInputsError):
             tally.fail(str(bad))
     files = [f for f in found if not isinstance(f, NoInputsError)]
-    threshold = float(analyzer.gallery.threshold) if analyzer.gallery is not None else 0.5
+    # an unknown frame votes like a match exactly at the threshold in force
+    threshold = float(analyzer.threshold) if analyzer.threshold is not None else defaults.THRESHOLD
     settings = {**analyzer.describe(), "stride": stride, "annotate": annotate, "max_gap": max_gap,
-                "embed_every": embed_every, "shot_cut": shot_cut}
+                "embed_every": embed_every, "shot_cut": shot_cut, "reid_gap": reid_gap,
+                "min_track_frames": min_track_frames}
     skipped = frames_total = 0
     t0 = time.perf_counter()
     jobs = []
@@ -196,7 +223,8 @@ def video(
             continue
         jobs.append(VideoJob(item.path, outputs, _tracker(analyzer, max_gap), dict(
             stride=stride, batch_size=batch_size, annotate=annotate, unknown_weight=threshold,
-            embed_every=embed_every, shot_cut=shot_cut or None, settings=settings)))
+            embed_every=embed_every, shot_cut=shot_cut or None, settings=settings, reid_gap=reid_gap,
+            min_track_frames=min_track_frames)))
     overall = _bar(len(files), "videos", "file", 0, quiet or len(files) < 2, True)
     overall.update(skipped)
     bars: dict[str, Any] = {}

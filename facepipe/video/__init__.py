@@ -10,9 +10,11 @@ The package is split by concern:
 * :mod:`facepipe.video.process` -- the per-video loop, :func:`process_video`.
 
 Per video, :func:`process_video` writes next to each other in the output folder
-(``NAME`` is the input's file name, e.g. ``clip.mp4``)::
+(``NAME`` is the input's file name without its extension: ``clip.mp4`` -> ``clip``; two
+inputs with one name get their folders prefixed)::
 
-    NAME.frames.jsonl     one record per frame: index, time, faces with box, score, track, name
+    NAME.frames.jsonl     one record per frame: index, time, faces with box, det_score, track,
+                          the frame's own decision and the track's name
     NAME.tracks.csv       one row per track: first/last time, frame count, identity, confidence
     NAME.tracks.json      the same as JSON, plus the video's metadata
     NAME.annotated.mp4    boxes, names and track ids drawn (unless annotate=False)

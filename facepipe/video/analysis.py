@@ -17,12 +17,18 @@ from facepipe.types import Box, Detection
 log = logging.getLogger(__name__)
 
 
-def identify_embeddings(gallery: Any, embeddings: np.ndarray) -> list[tuple[str, float]]:
-    """The gallery's open-set decision ``(name or "unknown", score)`` for each embedding."""
+def identify_embeddings(gallery: Any, embeddings: np.ndarray, threshold: float | None = None,
+                        min_margin: float = 0.0) -> list[tuple[str, float]]:
+    """The open-set decision ``(name or "unknown", best similarity)`` for each embedding, by
+    :func:`facepipe.scores.decide` (the gallery's threshold unless ``threshold``; with
+    ``min_margin`` > 0 near-ties between two people are unknown), as ``identify`` decides."""
+    from facepipe.scores import decide
+
+    t = float(gallery.threshold) if threshold is None else float(threshold)
     out = []
-    for d in gallery.identify(embeddings):
-        score = float(d.score)
-        out.append((d.name, score if np.isfinite(score) else 0.0))
+    for cands in gallery.rank(embeddings, top_k=2):
+        v = decide(cands, t, min_margin)
+        out.append((v.name, v.similarity if v.similarity is not None and np.isfinite(v.similarity) else 0.0))
     return out
 
 
@@ -143,6 +149,8 @@ class FrameAnalyzer:
         min_face: int = 32,
         landmarks: str = "onet",
         device: str = "auto",
+        threshold: float | None = None,
+        min_margin: float = 0.0,
     ) -> None:
         if gallery is not None and embedder is None:
             raise ValueError("a gallery needs an embedder")
@@ -151,6 +159,10 @@ class FrameAnalyzer:
         self.detector = detector
         self.embedder = embedder
         self.gallery = gallery
+        #: the similarity threshold and minimum margin of the open-set decision
+        self.threshold = None if gallery is None else (
+            float(gallery.threshold) if threshold is None else float(threshold))
+        self.min_margin = float(min_margin)
         self.pipeline = None
         self.landmarks = landmarks
         self._landmarker: OnetLandmarker | None = None
@@ -242,7 +254,7 @@ class FrameAnalyzer:
         self.embedded += len(crops)
         decisions: list[tuple[str, float]] | None = None
         if self.gallery is not None:
-            decisions = identify_embeddings(self.gallery, emb)
+            decisions = identify_embeddings(self.gallery, emb, self.threshold, self.min_margin)
         self.timings["search"] += time.perf_counter() - t3
         for k, o in enumerate(owners):
             o.embedding = emb[k]
@@ -259,6 +271,8 @@ class FrameAnalyzer:
             d["landmarks"] = self.landmarks
         if self.gallery is not None:
             d["gallery"] = gallery_description(self.gallery)
+            d["threshold"] = self.threshold
+            d["min_margin"] = self.min_margin
         return d
 
 def frame_signature(image: np.ndarray) -> np.ndarray:
@@ -290,12 +304,15 @@ def build_analyzer(
     detector_options: dict[str, Any] | None = None,
     min_face: int = 32,
     landmarks: str = "onet",
+    threshold: float | None = None,
+    min_margin: float = 0.0,
 ) -> FrameAnalyzer:
     """Build the detector, embedder and gallery a video run asks for.
 
     With a ``gallery`` and no ``embedder`` the default embedder is used; the
     gallery refuses vectors from an embedder other than the one it was built
-    with. ``device`` goes to the CNN stages (the Haar detector is CPU-only).
+    with. ``threshold`` (similarity) and ``min_margin`` override the gallery's
+    decision rule (see :func:`identify_embeddings`). ``device`` goes to the CNN stages (the Haar detector is CPU-only).
     Raises the library's typed errors (unknown names, missing checkpoints,
     unavailable device, bad gallery).
     """
@@ -331,4 +348,5 @@ def build_analyzer(
             if not device.strip().lower().startswith("cuda"):
                 raise
             log.info("gallery search stays on the CPU: %s", exc)
-    return FrameAnalyzer(det, emb, gal, min_face=min_face, landmarks=landmarks, device=device)
+    return FrameAnalyzer(det, emb, gal, min_face=min_face, landmarks=landmarks, device=device,
+                         threshold=threshold, min_margin=min_margin)

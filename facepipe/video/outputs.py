@@ -16,8 +16,9 @@ from facepipe.video.reading import VideoInfo, VideoReader
 
 log = logging.getLogger(__name__)
 
-#: Version of the output layout recorded in the completion marker.
-OUTPUT_VERSION = 1
+#: Version of the output layout recorded in the completion marker (2: NAME without the
+#: video's extension, det_score on a 0..1 scale, identities never empty with a gallery).
+OUTPUT_VERSION = 2
 
 @dataclass(frozen=True)
 class VideoOutputs:
@@ -42,10 +43,11 @@ class VideoOutputs:
 
 
 def output_paths(out_dir: str | os.PathLike[str], relative: str | os.PathLike[str]) -> VideoOutputs:
-    """Output files for a video: ``out_dir/<relative path>.<kind>``, mirroring input folders."""
+    """Output files for a video: ``out_dir/<relative path without extension>.<kind>``, mirroring
+    input folders (``day1/clip.mp4`` -> ``day1/clip.tracks.csv``, ...)."""
     rel = Path(relative)
     base = Path(out_dir) / rel.parent
-    name = rel.name
+    name = rel.stem if rel.suffix else rel.name
     return VideoOutputs(
         frames=base / f"{name}.frames.jsonl",
         tracks_csv=base / f"{name}.tracks.csv",
@@ -80,7 +82,16 @@ def is_complete(outputs: VideoOutputs, source: str | os.PathLike[str], settings:
 
 @dataclass
 class TrackSummary:
-    """One row of the per-track summary."""
+    """One row of the per-track summary (``NAME.tracks.csv`` / ``.json``).
+
+    ``identity``: with a gallery, the track's one name, a person or ``"unknown"`` (never
+    empty); without a gallery ``None``. ``confidence``: the share of the track's
+    similarity-weighted frame votes that went to ``identity`` (0..1; 0 when no frame could
+    be identified). ``identified_frames``: frames that were embedded and looked up.
+    ``similarity``/``distance``: mean similarity (1 − distance) of the frames that voted for
+    ``identity`` to their best person. ``mean_det_score``: mean detector probability
+    (0..1); for Haar, whose score is not a probability, ``mean_det_response`` instead.
+    """
 
     track: int
     first_frame: int
@@ -90,8 +101,11 @@ class TrackSummary:
     frames: int
     identity: str | None
     confidence: float | None
-    mean_score: float | None
-    mean_det_score: float
+    identified_frames: int
+    similarity: float | None
+    distance: float | None
+    mean_det_score: float | None
+    mean_det_response: float | None
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -119,6 +133,13 @@ def _label(face: dict[str, Any]) -> str:
     return f"#{face['track']} {name}" if name else f"#{face['track']}"
 
 
+def _det_value(face: dict[str, Any]) -> float:
+    v = face.get("det_score")
+    if v is None:
+        v = face.get("det_response")
+    return float(v) if v is not None else 0.0
+
+
 def _annotate(src: Path, frames_jsonl: Path, out: Path, info: VideoInfo, batch_size: int,
               n_frames: int, on_progress: ProgressFn | None) -> None:
     """Second pass: re-decode the video and draw the final per-frame records on it."""
@@ -141,7 +162,7 @@ def _annotate(src: Path, frames_jsonl: Path, out: Path, info: VideoInfo, batch_s
                         writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
                             raise OutputError(out, "cannot open an MP4 writer (mp4v)")
-                    dets = [Detection(Box(f["x"], f["y"], f["w"], f["h"]), f["score"] or 0.0, "track")
+                    dets = [Detection(Box(f["x"], f["y"], f["w"], f["h"]), _det_value(f), "track")
                             for f in faces]
                     img = draw_detections(fr.image, dets, labels=[_label(f) for f in faces],
                                           colors=[color_for(f["track"]) for f in faces])

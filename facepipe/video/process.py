@@ -8,13 +8,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from facepipe.errors import OutputError
-from facepipe.track import Observation, Tracker, covered_by_tracks, vote_identity
-from facepipe.types import Box
+from facepipe.track import (
+    UNKNOWN, Observation, Track, Tracker, Vote, covered_by_tracks, merge_tracks, stitch_tracks, vote_identity,
+)
+from facepipe.types import RESPONSE_SCORE_DETECTORS, Box, score_fields
 from facepipe.video.analysis import SHOT_CUT_DISTANCE, STAGES, FrameAnalyzer, frame_signature, shot_distance
 from facepipe.video.outputs import (
     OUTPUT_VERSION, ProgressFn, TrackSummary, VideoOutputs, _annotate, _r, _remove, _source_fingerprint,
@@ -46,15 +48,20 @@ class VideoResult:
 
 
 def _face_record(track: int, box: Box, score: float | None, o: Observation | None,
-                 interpolated: bool) -> dict[str, Any]:
+                 interpolated: bool, detector: str = "") -> dict[str, Any]:
+    """One face of a frame record: its track and box, ``det_score`` (a probability, or null
+    with ``det_response`` for Haar; see :func:`facepipe.types.score_fields`) and, when the
+    face was identified in this frame, that frame's own decision (``frame_name``,
+    ``frame_similarity``, ``frame_distance``)."""
     rec: dict[str, Any] = {
         "track": track,
         "x": round(box.x, 1), "y": round(box.y, 1), "w": round(box.w, 1), "h": round(box.h, 1),
-        "score": _r(score),
+        **score_fields(detector, _r(score)),
     }
     if o is not None and o.name is not None:
         rec["frame_name"] = o.name
-        rec["frame_score"] = _r(o.score)
+        rec["frame_similarity"] = _r(o.score)
+        rec["frame_distance"] = None if o.score is None else _r(1.0 - float(o.score))
     if interpolated:
         rec["interpolated"] = True
     return rec
@@ -64,7 +71,8 @@ def _lerp_box(a: dict[str, Any], b: dict[str, Any], f: float) -> Box:
     return Box(*(a[k] + (b[k] - a[k]) * f for k in ("x", "y", "w", "h")))
 
 
-def _carry(pending: list[dict[str, Any]], prev: dict[str, Any] | None, nxt: dict[str, Any] | None) -> None:
+def _carry(pending: list[dict[str, Any]], prev: dict[str, Any] | None, nxt: dict[str, Any] | None,
+           detector: str = "") -> None:
     """Fill skipped frames' faces: tracks seen in both neighbouring analysed frames are
     interpolated in time; after the last analysed frame the boxes are held."""
     if prev is None:
@@ -72,7 +80,7 @@ def _carry(pending: list[dict[str, Any]], prev: dict[str, Any] | None, nxt: dict
     prev_faces = {f["track"]: f for f in prev["faces"]}
     if nxt is None:
         for rec in pending:
-            rec["faces"] = [_face_record(t, Box(f["x"], f["y"], f["w"], f["h"]), None, None, True)
+            rec["faces"] = [_face_record(t, Box(f["x"], f["y"], f["w"], f["h"]), None, None, True, detector)
                             for t, f in prev_faces.items()]
         return
     next_faces = {f["track"]: f for f in nxt["faces"]}
@@ -81,9 +89,31 @@ def _carry(pending: list[dict[str, Any]], prev: dict[str, Any] | None, nxt: dict
         frac = (rec["time"] - prev["time"]) / span if span > 0 else 0.0
         frac = min(max(frac, 0.0), 1.0)
         rec["faces"] = [
-            _face_record(t, _lerp_box(prev_faces[t], next_faces[t], frac), None, None, True)
+            _face_record(t, _lerp_box(prev_faces[t], next_faces[t], frac), None, None, True, detector)
             for t in prev_faces if t in next_faces
         ]
+
+
+def finish_tracks(tracker: Tracker, cut_times: Sequence[float], reid_gap: float = 0.0,
+                  min_track_frames: int = 1) -> tuple[list[Track], dict[int, int], dict[int, int], int]:
+    """The tracks a video reports, after tracking: re-identified (``reid_gap`` > 0, see
+    :func:`facepipe.track.stitch_tracks`), without those seen in fewer than
+    ``min_track_frames`` analysed frames, renumbered 1, 2, ... by first appearance.
+
+    Returns ``(tracks, chain, final_id, dropped)``: ``chain`` maps each tracker id to its
+    chain's first id, ``final_id`` maps a chain's first id to the reported id (absent:
+    dropped), ``dropped`` counts the dropped tracks.
+    """
+    tracks = tracker.tracks
+    chain = {t.track_id: t.track_id for t in tracks}
+    if reid_gap > 0:
+        chain = stitch_tracks(tracks, tracker.sim_min, reid_gap, cut_times)
+        tracks = merge_tracks(tracks, chain)
+    kept = sorted((t for t in tracks if t.hits >= min_track_frames), key=lambda t: (t.first_time, t.track_id))
+    final_id = {t.track_id: k for k, t in enumerate(kept, 1)}
+    for k, t in enumerate(kept, 1):
+        t.track_id = k
+    return kept, chain, final_id, len(tracks) - len(kept)
 
 
 def process_video(
@@ -100,6 +130,8 @@ def process_video(
     shot_cut: float | None = SHOT_CUT_DISTANCE,
     settings: dict[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
+    reid_gap: float = 0.0,
+    min_track_frames: int = 1,
 ) -> VideoResult:
     """Analyse one video and write its outputs atomically (see the module docstring).
 
@@ -110,6 +142,13 @@ def process_video(
     by more than this (:func:`shot_distance`), every track ends there (a camera
     cut; the frame record gets ``"cut": true``); ``None`` disables it.
 
+    ``reid_gap`` > 0: after tracking, a track that starts at most this many seconds after
+    another ended and shows the same face (embeddings; same place within a shot) is
+    joined to it (:func:`facepipe.track.stitch_tracks`): one track per person instead of
+    one per unbroken run of detections. ``min_track_frames``: tracks seen in fewer
+    analysed frames are dropped from the outputs as spurious detections. Track ids
+    are renumbered 1, 2, ... in order of appearance.
+
     ``on_progress(phase, frames_done, total)`` is called as frames go by, with
     ``phase`` ``"analyse"`` then ``"annotate"``. Raises :class:`VideoReadError`
     for a video that cannot be opened, decodes no frame or is truncated (no
@@ -118,6 +157,8 @@ def process_video(
     """
     src = Path(path)
     tracker = tracker or Tracker()
+    det_name = str(getattr(analyzer.detector, "name", ""))
+    identifying = analyzer.gallery is not None
     t_start = time.perf_counter()
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
     det0 = dict(analyzer.timings)
@@ -140,6 +181,7 @@ def process_video(
             prev_rec: dict[str, Any] | None = None
             prev_sig: np.ndarray | None = None
             cuts = 0
+            cut_times: list[float] = []
             pending: list[dict[str, Any]] = []
             try:
                 raw_f = raw.open("w")
@@ -186,10 +228,11 @@ def process_video(
                             tracker.cut()
                             rec["cut"] = True
                             cuts += 1
+                            cut_times.append(fr.time)
                         ids = tracker.update(fr.index, fr.time, obs)
-                        rec["faces"] = [_face_record(i, o.detection.box, o.detection.score, o, False)
+                        rec["faces"] = [_face_record(i, o.detection.box, o.detection.score, o, False, det_name)
                                         for i, o in zip(ids, obs)]
-                        _carry(pending, prev_rec, rec)
+                        _carry(pending, prev_rec, rec, det_name)
                         flush(pending)
                         flush([rec])
                         pending, prev_rec = [], rec
@@ -197,7 +240,7 @@ def process_video(
                     timings["track"] += time.perf_counter() - t0
                     if on_progress is not None:
                         on_progress("analyse", batch[-1].index + 1, max(total, batch[-1].index + 1))
-                _carry(pending, prev_rec, None)
+                _carry(pending, prev_rec, None, det_name)
                 flush(pending)
             n_frames = reader.frames_read
             timings["decode"] = reader.decode_seconds
@@ -209,23 +252,41 @@ def process_video(
         t0 = time.perf_counter()
         summaries: list[TrackSummary] = []
         votes: dict[int, Any] = {}
-        for tr in tracker.tracks:
+        kept, chain, final_id, dropped = finish_tracks(tracker, cut_times, reid_gap, min_track_frames)
+        for tr in kept:
+            # One "no name" convention: with a gallery every track has an identity, a person or
+            # "unknown"; a track none of whose frames could be identified (faces too small, no
+            # landmarks) is "unknown" with confidence 0 and identified_frames 0.
             v = vote_identity(tr.votes, unknown_weight) if tr.votes else None
+            if v is None and identifying:
+                v = Vote(UNKNOWN, 0.0, None, 0)
             votes[tr.track_id] = v
+            mean_det = float(np.mean(tr.det_scores)) if tr.det_scores else None
+            response = det_name in RESPONSE_SCORE_DETECTORS
             summaries.append(TrackSummary(
                 track=tr.track_id, first_frame=tr.first_frame, last_frame=tr.last_frame,
                 first_time=round(tr.first_time, 4), last_time=round(tr.last_time, 4), frames=tr.hits,
                 identity=v.name if v else None, confidence=_r(v.confidence) if v else None,
-                mean_score=_r(v.mean_score) if v else None,
-                mean_det_score=round(float(np.mean(tr.det_scores)), 4) if tr.det_scores else 0.0,
+                identified_frames=v.frames if v else 0,
+                similarity=_r(v.mean_score) if v else None,
+                distance=_r(1.0 - v.mean_score) if v and v.mean_score is not None else None,
+                mean_det_score=None if response else _r(mean_det),
+                mean_det_response=_r(mean_det) if response else None,
             ))
         with raw.open() as fin, tmp[outputs.frames].open("w") as fout:
             for line in fin:
                 rec = json.loads(line)
+                faces = []
                 for face in rec["faces"]:
-                    v = votes.get(face["track"])
+                    tid = final_id.get(chain.get(face["track"], face["track"]))
+                    if tid is None:
+                        continue  # a spurious short track
+                    face["track"] = tid
+                    v = votes.get(tid)
                     face["name"] = v.name if v else None
                     face["identity_confidence"] = _r(v.confidence) if v else None
+                    faces.append(face)
+                rec["faces"] = faces
                 fout.write(json.dumps(rec, separators=(",", ":")) + "\n")
         _remove([raw])
         header = list(TrackSummary.__dataclass_fields__)
@@ -236,7 +297,8 @@ def process_video(
                 w.writerow(["" if getattr(s, k) is None else getattr(s, k) for k in header])
         _write_json(tmp[outputs.tracks_json], {
             "video": str(src), "info": asdict(info), "frames": n_frames, "analysed_frames": analysed,
-            "stride": stride, "shot_cuts": cuts, "tracks": [asdict(s) for s in summaries],
+            "stride": stride, "shot_cuts": cuts, "dropped_short_tracks": dropped,
+            "tracks": [asdict(s) for s in summaries],
         })
         timings["write"] = time.perf_counter() - t0
 
