@@ -38,13 +38,14 @@ def reembed(gallery_dir: Path, out_dir: Path, detector_name: str | None, embedde
     Reads the source photo of every vector from the gallery's labels, checks it is still
     there with the same content (sha256), embeds its largest face with --embedder, and
     enrols it under the same name into --out (same index type and aggregation; the
-    threshold starts at the default because similarities of another embedder have another
-    scale: run `facepipe gallery calibrate` on the new gallery). Missing or changed photos
-    are reported and skipped (exit 1). Prints a JSON summary.
+    threshold is the new embedder's own automatic one, because similarities of another
+    embedder have another scale; `facepipe gallery calibrate` refines it). Missing or
+    changed photos are reported and skipped (exit 1). Prints a JSON summary.
     """
     from facepipe import defaults
     from facepipe.commands.enroll import embed_one_face, embedder_record
     from facepipe.gallery import MANIFEST, Gallery, sha256_file
+    from facepipe.gallery.openset import impostor_model_for
 
     setup_logging(quiet, verbose)
     try:
@@ -93,10 +94,16 @@ def reembed(gallery_dir: Path, out_dir: Path, detector_name: str | None, embedde
         hashes.append(sha)
         tally.ok += 1
     method, agg_n = old.aggregation
+    # The old threshold belongs to the old embedder's similarity scale: the new gallery gets
+    # the new embedder's automatic threshold (its impostor model, the same target FPIR), or
+    # the fixed default when the embedder ships no model.
+    model = impostor_model_for(pipe.embedder)
     try:
         with Gallery.edit(out_dir, embedder_id=emb_id, dim=pipe.embedder.dim, embedder_sha256=emb_sha,
                           index_type=old.manifest["index"]["requested"],
-                          params=old.manifest["index"].get("params"), threshold=defaults.THRESHOLD,
+                          params=old.manifest["index"].get("params"),
+                          threshold=None if model is not None else defaults.THRESHOLD,
+                          impostor_model=model, target_fpir=old.target_fpir if model is not None else None,
                           aggregation=method, aggregation_n=agg_n, create="only") as new:
             if emb_desc:
                 new.manifest["embedder"]["describe"] = emb_desc
@@ -107,15 +114,17 @@ def reembed(gallery_dir: Path, out_dir: Path, detector_name: str | None, embedde
     except FacepipeError as exc:
         raise fail(exc) from exc
     lost = sorted(set(old.people()) - set(names))
+    final = Gallery.open(out_dir, verify=False)
     summary = {
         "gallery": os.fspath(out_dir), "from": os.fspath(gallery_dir), "embedder": emb_id,
         "previous_embedder": old.embedder_id, "vectors": len(vecs), "of": len(jobs),
         "identities": len(set(names)), "identities_lost": lost, "missing": missing,
-        "threshold": defaults.THRESHOLD, "calibrated": False,
+        "threshold": final.threshold, "tolerance": round(1.0 - final.threshold, 6), "mode": final.mode,
+        "calibrated": False,
     }
     click.echo(json.dumps(summary, indent=2))
     report(f"facepipe: re-embedded {len(vecs)} of {len(jobs)} photo(s) with {emb_id} into {out_dir}, "
            f"{len(missing)} missing or unusable" + (f"; people left without a photo: {', '.join(lost)}" if lost else "")
-           + f"; threshold reset to {defaults.THRESHOLD} (run facepipe gallery calibrate), "
-           f"{time.perf_counter() - t0:.1f}s", quiet)
+           + f"; threshold {final.threshold:.4f} (tolerance {1 - final.threshold:.4f}, {final.mode}; "
+           f"`facepipe gallery calibrate` refines it), {time.perf_counter() - t0:.1f}s", quiet)
     raise SystemExit(tally.exit_code)
