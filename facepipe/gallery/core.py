@@ -484,14 +484,16 @@ class Gallery:
         n = self.n_comparisons
         from facepipe.gallery.openset import per_comparison_fmr
 
-        fmr = per_comparison_fmr(self.target_fpir, n)
+        n_eff = model.effective_comparisons(n, self.target_fpir)
+        fmr = per_comparison_fmr(self.target_fpir, n_eff)
         d["threshold"] = float(model.threshold_at_fmr(fmr))
         d["calibration"] = {
             "method": "impostor-model", "target_fpir": self.target_fpir, "n_comparisons": n,
             "counted": "enrolled vectors" if self.aggregation[0] == "max" else "enrolled people",
+            "comparisons_exponent": model.exponent(self.target_fpir), "effective_comparisons": n_eff,
             "fmr_per_comparison": fmr, "embedder_id": model.embedder_id,
             "impostor_data": {"people": model.n_people, "photos": model.n_images, "pairs": model.n_pairs},
-            "note": "re-derived on every change; FPIR = 1 - (1 - FMR)^N",
+            "note": "re-derived on every change; FPIR = 1 - (1 - FMR)^(N^a)",
         }
 
     def person_index(self) -> np.ndarray:

@@ -147,7 +147,9 @@ def choose_threshold(target_fpir: float, n_comparisons: int, model: "ImpostorMod
     if t_model is not None:
         t, rule, shift = t_model, "impostor model", None
         if n >= SHIFT_MIN_PROBES and impostor_n is not None:
-            d, gain = estimate_shift(model, imp, np.asarray(impostor_n))  # type: ignore[arg-type]
+            n_eff = np.asarray([model.effective_comparisons(int(k), target_fpir)  # type: ignore[union-attr]
+                                for k in np.asarray(impostor_n)])
+            d, gain = estimate_shift(model, imp, n_eff)  # type: ignore[arg-type]
             if d > 0 and 2 * gain > SHIFT_SIGNIFICANCE:
                 shift = d
                 t = min(t_model + d, 1.0)

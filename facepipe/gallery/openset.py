@@ -17,10 +17,13 @@ comparisons were independent,
 
 and ``t`` is the impostor-score quantile at that FMR. A gallery in ``auto`` mode
 re-derives ``t`` on every change, so the threshold rises as people are enrolled (more
-people, more chances of a false match). The comparisons with one person's several
-photos are correlated, so counting vectors overstates the chances somewhat; the
-benchmark (``scripts/bench_openset_defaults.py``, ``docs/gallery.md``) measures how
-close the FPIR obtained is to the target.
+people, more chances of a false match). Comparisons are not quite independent: a
+stranger who scores high against one enrolled face tends to score high against others
+(embeddings that share a common direction), so ``N`` comparisons are worth ``N^a``
+independent ones, with ``a <= 1`` fitted on simulated galleries of the development
+people (:func:`fit_comparisons_exponent`) and stored with the model. The benchmark
+(``scripts/bench_openset_defaults.py``, ``docs/gallery.md``) measures how close the FPIR
+obtained is to the target.
 
 The impostor model stores empirical thresholds at a grid of FMRs from 0.5 down to
 1e-6 where the development pairs resolve them (at least :data:`MIN_TAIL_PAIRS`
@@ -52,20 +55,20 @@ TAIL_FMR = 1e-3
 TAIL_MIN_EXCEEDANCES = 300
 
 
-def per_comparison_fmr(fpir: float, n_comparisons: int) -> float:
+def per_comparison_fmr(fpir: float, n_comparisons: float) -> float:
     """The single-comparison false-match rate that gives ``fpir`` over ``n_comparisons``.
 
     ``1 − (1 − fpir)^(1/n)``, computed without cancellation for tiny rates.
     """
     if not 0.0 < fpir < 1.0:
         raise ValueError(f"target FPIR must be in (0, 1), got {fpir!r}")
-    n = max(int(n_comparisons), 1)
+    n = max(float(n_comparisons), 1.0)
     return float(-math.expm1(math.log1p(-fpir) / n))
 
 
-def fpir_from_fmr(fmr: float, n_comparisons: int) -> float:
+def fpir_from_fmr(fmr: float, n_comparisons: float) -> float:
     """The FPIR of ``n_comparisons`` independent comparisons at false-match rate ``fmr``."""
-    n = max(int(n_comparisons), 1)
+    n = max(float(n_comparisons), 1.0)
     return float(-math.expm1(n * math.log1p(-min(max(fmr, 0.0), 1.0 - 1e-16))))
 
 
@@ -83,6 +86,8 @@ class ImpostorModel:
     n_pairs: int
     data: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    exponents: tuple[tuple[float, float], ...] = ((0.1, 1.0), (0.01, 1.0))
+    exponent_fit: dict[str, Any] = field(default_factory=dict)
 
     # -------------------------------------------------------------- record (checkpoint / manifest)
 
@@ -96,6 +101,8 @@ class ImpostorModel:
             "empirical": [bool(e) for e in self.empirical],
             "tail": {k: float(v) for k, v in self.tail.items()},
             "n_people": int(self.n_people), "n_images": int(self.n_images), "n_pairs": int(self.n_pairs),
+            "comparisons_exponent": {f"{f:g}": float(a) for f, a in self.exponents},
+            "exponent_fit": dict(self.exponent_fit),
             "data": dict(self.data), "created_at": self.created_at,
         }
 
@@ -112,7 +119,10 @@ class ImpostorModel:
             tail = {k: float(rec["tail"][k]) for k in ("u", "p_u", "xi", "sigma")}
             model = cls(str(rec["embedder_id"]), fmr, thr, emp, tail, int(rec["n_people"]),
                         int(rec["n_images"]), int(rec["n_pairs"]), dict(rec.get("data", {})),
-                        str(rec.get("created_at", "")))
+                        str(rec.get("created_at", "")),
+                        tuple(sorted(((float(f), float(a)) for f, a in
+                                      rec.get("comparisons_exponent", {"0.1": 1.0}).items()), reverse=True)),
+                        dict(rec.get("exponent_fit", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"impostor model record is missing or has a bad field ({exc})") from exc
         if not (len(fmr) == len(thr) == len(emp)) or len(fmr) < 2:
@@ -121,6 +131,8 @@ class ImpostorModel:
             raise ValueError("impostor model record: rates must decrease and thresholds must not")
         if not all(math.isfinite(x) for x in thr + tuple(tail.values())) or tail["sigma"] <= 0:
             raise ValueError("impostor model record: non-finite threshold or bad tail fit")
+        if not model.exponents or not all(0.0 < a <= 1.0 and 0.0 < f < 1.0 for f, a in model.exponents):
+            raise ValueError(f"impostor model record: comparisons exponents {model.exponents} outside (0, 1]")
         return model
 
     # -------------------------------------------------------------- thresholds
@@ -194,22 +206,46 @@ class ImpostorModel:
         inside = np.exp(np.interp(t, emp_t, np.log(emp_f)))
         return np.where(t <= emp_t[-1], inside, np.minimum(tail, emp_f[-1]))
 
+    def exponent(self, fpir: float) -> float:
+        """The comparisons exponent ``a`` at a target FPIR: fitted on the development people
+        at FPIR 10% and 1%, interpolated in log FPIR between them, the nearer one outside."""
+        pts = sorted(self.exponents)  # ascending FPIR
+        if fpir <= pts[0][0]:
+            return pts[0][1]
+        if fpir >= pts[-1][0]:
+            return pts[-1][1]
+        for (f0, a0), (f1, a1) in zip(pts, pts[1:]):
+            if f0 <= fpir <= f1:
+                w = (math.log(fpir) - math.log(f0)) / (math.log(f1) - math.log(f0))
+                return a0 + w * (a1 - a0)
+        return pts[-1][1]
+
+    def effective_comparisons(self, n_comparisons: int, fpir: float) -> float:
+        """``N^a``: how many independent chances ``N`` correlated comparisons are worth at
+        ``fpir`` (``a`` from :meth:`exponent`; 1 = independent)."""
+        return float(max(int(n_comparisons), 1) ** self.exponent(fpir))
+
     def threshold_for_fpir(self, fpir: float, n_comparisons: int) -> float:
         """The threshold giving ``fpir`` for a probe compared with ``n_comparisons`` entries."""
-        return self.threshold_at_fmr(per_comparison_fmr(fpir, n_comparisons))
+        return self.threshold_at_fmr(per_comparison_fmr(fpir, self.effective_comparisons(n_comparisons, fpir)))
 
     def expected_fpir(self, threshold: float, n_comparisons: int) -> float:
         """The FPIR the model predicts at ``threshold`` for ``n_comparisons`` entries."""
-        return fpir_from_fmr(self.fmr_at(threshold), n_comparisons)
+        fmr = self.fmr_at(threshold)
+        # the exponent depends on the FPIR being predicted: iterate to a fixed point
+        fpir = fpir_from_fmr(fmr, max(int(n_comparisons), 1))
+        for _ in range(20):
+            fpir = fpir_from_fmr(fmr, self.effective_comparisons(n_comparisons, min(max(fpir, 1e-9), 0.5)))
+        return fpir
 
 
 def estimate_shift(model: ImpostorModel, best_scores: np.ndarray, n_comparisons: np.ndarray,
                    grid: np.ndarray | None = None) -> tuple[float, float]:
     """How much higher impostor scores run in the user's data than in the model's.
 
-    ``best_scores[i]`` is the best score of an impostor probe compared with
-    ``n_comparisons[i]`` entries. Under the model shifted by ``d`` its distribution is
-    ``F(s) = (1 − FMR(s − d))^N``; returns the maximum-likelihood ``d`` on a grid and the
+    ``best_scores[i]`` is the best score of an impostor probe compared with entries worth
+    ``n_comparisons[i]`` independent comparisons (:meth:`ImpostorModel.effective_comparisons`).
+    Under the model shifted by ``d`` its distribution is ``F(s) = (1 − FMR(s − d))^N``; returns the maximum-likelihood ``d`` on a grid and the
     log-likelihood gain over ``d = 0`` (twice it is the likelihood-ratio statistic).
     """
     s = np.asarray(best_scores, dtype=np.float64)
@@ -309,13 +345,71 @@ def fit_impostor_model(scores: np.ndarray, embedder_id: str, n_people: int, n_im
         _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
 
 
+#: Gallery sizes simulated to fit the comparisons exponent, and repetitions of each.
+EXPONENT_SIZES = (3, 10, 30, 100, 300)
+EXPONENT_REPS = 20
+EXPONENT_FPIRS = (0.1, 0.01)
+
+
+def fit_comparisons_exponent(model: ImpostorModel, vectors: np.ndarray, labels: Sequence[str],
+                             seed: int = 0) -> tuple[tuple[tuple[float, float], ...], dict[str, Any]]:
+    """Fit ``a`` in "N comparisons are worth ``N^a`` independent ones" on development people.
+
+    Galleries of N people (one random photo each) are probed with every photo of the
+    other people; at FPIR 10% and at 1% the empirical threshold's per-comparison FMR
+    gives the effective number ``N_eff = log(1 − FPIR) / log(1 − FMR)``, and ``a`` (one
+    per FPIR) is the least-squares slope of ``log N_eff`` on ``log N`` (clipped to
+    [0.5, 1]). Embeddings that share a common direction make a stranger's scores against
+    one gallery correlated, so their ``a`` is below 1.
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    lab = np.asarray(labels)
+    people, code = np.unique(lab, return_inverse=True)
+    members = [np.flatnonzero(code == i) for i in range(len(people))]
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    pts: dict[float, list[tuple[float, float]]] = {f: [] for f in EXPONENT_FPIRS}
+    for n in EXPONENT_SIZES:
+        if n > len(people) // 2:
+            break
+        best = []
+        for _ in range(EXPONENT_REPS):
+            chosen = rng.choice(len(people), n, replace=False)
+            gal = x[[rng.choice(members[c]) for c in chosen]]
+            probes = x[~np.isin(code, chosen)]
+            best.append((probes @ gal.T).max(axis=1))
+        b = np.concatenate(best)
+        for f in EXPONENT_FPIRS:
+            if b.size * f < 50:
+                continue
+            t = float(np.quantile(b, 1.0 - f))
+            fmr = model.fmr_at(t)
+            n_eff = math.log1p(-f) / math.log1p(-min(max(fmr, 1e-12), 1 - 1e-12))
+            rows.append({"n": n, "fpir": f, "threshold": round(t, 6), "n_eff": round(n_eff, 3)})
+            pts[f].append((math.log(n), math.log(max(n_eff, 1e-6))))
+    exps = []
+    for f in EXPONENT_FPIRS:
+        if pts[f]:
+            a = np.asarray(pts[f])
+            exps.append((f, float(np.clip((a[:, 0] @ a[:, 1]) / (a[:, 0] @ a[:, 0]), 0.5, 1.0))))
+    if not exps:
+        return ((0.1, 1.0),), {"note": "too few development people to fit; comparisons taken as independent"}
+    return tuple(exps), {"sizes": rows, "repetitions": EXPONENT_REPS, "seed": seed,
+                         "method": "galleries of N people (one photo each) from the development people"}
+
+
 def compute_impostor_model(vectors: np.ndarray, labels: Sequence[str], embedder_id: str,
                            data: dict[str, Any] | None = None) -> ImpostorModel:
     """The impostor model of an embedder from unit embeddings of labelled development
-    people it was not trained on (every pair of photos of two different people)."""
+    people it was not trained on: every pair of photos of two different people, and the
+    comparisons exponent fitted on simulated galleries of those people."""
+    from dataclasses import replace
+
     lab = np.asarray(labels)
     scores = impostor_scores(vectors, lab)
-    return fit_impostor_model(scores, embedder_id, len(np.unique(lab)), len(lab), data)
+    model = fit_impostor_model(scores, embedder_id, len(np.unique(lab)), len(lab), data)
+    exponents, fit = fit_comparisons_exponent(model, vectors, lab)
+    return replace(model, exponents=exponents, exponent_fit=fit)
 
 
 # ------------------------------------------------------------------ finding an embedder's model
