@@ -15,45 +15,17 @@ from facepipe.errors import CheckpointError, InputError, OutputError
 from facepipe.vj.boost import StageSettings, accept_threshold, stage_threshold, train_stage
 from facepipe.vj.features import brute_force_value, feature_values, generate_features, integral_images, window_norm
 from facepipe.vj.model import Cascade
-from facepipe.vj.samples import NegativeImage, NegativeSource
+from facepipe.vj import synthetic
+from facepipe.vj.samples import NegativeSource
 from facepipe.vj.train import TrainParams, load_state, state_path, train_cascade
 from facepipe.vj.xmlio import cascade_to_xml, read_cascade, write_cascade
 
 STOCK = Path(__file__).resolve().parent.parent / "cascades" / "haarcascade_frontalface_default.xml"
-S = 16  # window of the synthetic problem
+S = synthetic.WINDOW  # 16
 
 
 # ----------------------------------------------------------------------------- synthetic problem
-def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    return np.clip(rng.normal(110, 40, (h, w)), 0, 255).astype(np.uint8)
-
-
-def _bright(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    return np.clip(rng.normal(165, 25, (h, w)), 0, 255).astype(np.uint8)
-
-
-def synthetic_problem(seed: int = 0) -> tuple[np.ndarray, NegativeSource]:
-    """A bright square filling ~60 % of a 16×16 window on noise; negatives: noise with bright bars."""
-    rng = np.random.default_rng(seed)
-    pos = []
-    for _ in range(500):
-        img = _noise(rng, S, S)
-        o = rng.integers(3, 5, 2)
-        s = int(rng.integers(8, 11))
-        img[o[0]:o[0] + s, o[1]:o[1] + s] = _bright(rng, s, s)
-        pos.append(img)
-    negs = []
-    for _ in range(16):
-        img = _noise(rng, 110, 110)
-        for _ in range(25):
-            y, x = rng.integers(0, 95, 2)
-            h, w = int(rng.integers(2, 5)), int(rng.integers(10, 30))
-            if rng.random() < 0.5:
-                h, w = w, h
-            region = img[y:y + h, x:x + w]
-            region[:] = _bright(rng, *region.shape)
-        negs.append(NegativeImage(img))
-    return np.stack(pos), NegativeSource(negs, S, S)
+_noise = synthetic.noise
 
 
 # stops at its false-alarm target (0.5**8) after about 6 stages, in seconds
@@ -63,7 +35,8 @@ PARAMS = TrainParams(width=S, height=S, stages=8, num_pos=300, num_neg=300, feat
 
 @pytest.fixture(scope="module")
 def problem() -> tuple[np.ndarray, NegativeSource]:
-    return synthetic_problem()
+    """Bright squares on noise; negatives are noise with bright bars (facepipe.vj.synthetic)."""
+    return synthetic.problem()
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, problem) -> tuple[Path, ob
 
 
 def _square_scene(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """Noise with one 36-px bright square; the window that frames it like the positives is ~58 px."""
-    img = _noise(rng, 200, 240)
-    img[60:96, 110:146] = _bright(rng, 36, 36)
-    side = 36 / 0.59
-    return img, (128 - side / 2, 78 - side / 2, side, side)
+    return synthetic.scene(rng)
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -334,44 +303,32 @@ def test_resume_refuses_other_settings_and_overwrites_only_when_asked(trained, p
 
 # ----------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
-def synthetic_files(tmp_path_factory: pytest.TempPathFactory, problem) -> tuple[Path, Path]:  # noqa: ANN001
-    from PIL import Image
-
-    pos, neg = problem
-    d = tmp_path_factory.mktemp("synthetic")
-    np.savez(d / "pos.npz", images=pos)
-    nd = d / "neg"
-    nd.mkdir()
-    for i, im in enumerate(neg.images):
-        Image.fromarray(im.grey).save(nd / f"n{i:02d}.png")
-    return d / "pos.npz", nd
+def synthetic_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The square problem as files, as `python -m facepipe.vj.synthetic DIR` writes them."""
+    return synthetic.write_example(tmp_path_factory.mktemp("synthetic"))
 
 
-def test_cli_trains_and_detect_uses_the_cascade(synthetic_files, tmp_path: Path) -> None:  # noqa: ANN001
-    from PIL import Image
-
-    pos, neg = synthetic_files
+def test_cli_trains_and_detect_uses_the_cascade(synthetic_files: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "sq.xml"
     runner = CliRunner()
-    res = runner.invoke(cli, ["train", "cascade", "--positives", str(pos), "--negatives", str(neg),
-                               "--out", str(out), "--size", str(S), "--stages", "2", "--num-pos", "300",
-                               "--num-neg", "300", "--features-per-stage", "1000", "--bins", "32", "-q"])
+    res = runner.invoke(cli, ["train", "cascade", "--positives", synthetic_files["positives"], "--negatives",
+                              synthetic_files["negatives"], "--out", str(out), "--size", str(S), "--stages", "8",
+                              "--num-pos", "300", "--num-neg", "300", "--features-per-stage", "1000",
+                              "--bins", "32", "-q"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["stages"] >= 1 and out.is_file() and state_path(out).is_file()
-    img, expected = _square_scene(np.random.default_rng(11))
-    photo = tmp_path / "scene.png"
-    Image.fromarray(img).convert("RGB").save(photo)
+    assert summary["stages"] >= 4 and out.is_file() and state_path(out).is_file()
     res = runner.invoke(cli, ["detect", "--detector", "haar", "--cascade", str(out), "--min-size", str(S),
-                               "--format", "json", str(photo)])
+                              "--format", "json", synthetic_files["scene"]])
     assert res.exit_code == 0, res.output
     faces = json.loads(res.stdout)[0]["faces"]
     assert faces and all(f["detector"] == "haar" for f in faces)
+    expected = tuple(float(v) for v in synthetic_files["expected_box"].split(","))
     assert max(_iou((f["x"], f["y"], f["w"], f["h"]), expected) for f in faces) > 0.5
 
 
-def test_cli_one_line_errors(synthetic_files, tmp_path: Path) -> None:  # noqa: ANN001
-    pos, neg = synthetic_files
+def test_cli_one_line_errors(synthetic_files: dict[str, str], tmp_path: Path) -> None:
+    pos, neg = synthetic_files["positives"], synthetic_files["negatives"]
     runner = CliRunner()
     res = runner.invoke(cli, ["train", "cascade", "--positives", str(tmp_path / "nope.npz"), "--negatives",
                                str(neg), "--out", str(tmp_path / "x.xml"), "-q"])
