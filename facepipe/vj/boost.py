@@ -84,9 +84,10 @@ def quantile_bins(values: np.ndarray, bins: int, rng: np.random.Generator, sampl
     q = np.clip(np.round(np.arange(1, bins) * len(s) / bins).astype(np.int64), 1, len(s) - 1)
     edges = ((s[q - 1] + s[q]) / 2.0).astype(np.float32).T  # (F, bins-1)
     edges = np.maximum.accumulate(edges, axis=1)
+    vt = np.ascontiguousarray(values.T)  # one contiguous row per feature
     codes = np.empty((f, n), np.uint8)
     for j in range(f):
-        codes[j] = np.searchsorted(edges[j], values[:, j], side="right")
+        codes[j] = np.searchsorted(edges[j], vt[j], side="right")
     return np.ascontiguousarray(edges), codes
 
 
@@ -169,8 +170,9 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
     edges = np.empty((len(ids), bins - 1), np.float32)
     codes = np.empty((len(ids), len(y)), np.uint8)
     chunk = max(1, min(len(ids), int(2.5e7 // max(len(y), 1))))
+    flat_t = np.ascontiguousarray(flat.T)
     for c0 in range(0, len(ids), chunk):
-        vals = values_from_flat(features, flat, vnf, ids[c0:c0 + chunk])
+        vals = values_from_flat(features, flat_t, vnf, ids[c0:c0 + chunk], transposed=True)
         edges[c0:c0 + chunk], codes[c0:c0 + chunk] = quantile_bins(vals, bins, rng)
         del vals
     ind = indicator_matrix(codes, bins)
@@ -192,7 +194,7 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
         fj, k = np.unravel_index(int(np.argmax(score)), score.shape)
         fid = int(ids[fj])
         threshold = float(edges[fj, k])
-        val = values_from_flat(features, flat, vnf, np.array([fid]))[:, 0]
+        val = values_from_flat(features, flat_t, vnf, np.array([fid]), transposed=True)[:, 0]
         left = val < np.float32(threshold)
         lv, rv = _leaves(left, y, w, settings.boost)
         out = np.where(left, np.float32(lv), np.float32(rv)).astype(np.float64)

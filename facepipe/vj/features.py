@@ -212,14 +212,19 @@ def feature_values(features: HaarFeatures, windows: np.ndarray, ids: np.ndarray 
 
 
 def values_from_flat(features: HaarFeatures, flat: np.ndarray, vnf: np.ndarray,
-                     ids: np.ndarray | None = None, chunk: int = 2048) -> np.ndarray:
-    """Like :func:`feature_values` from flattened float64 integral images and their vnf."""
+                     ids: np.ndarray | None = None, chunk: int = 2048, transposed: bool = False) -> np.ndarray:
+    """Like :func:`feature_values` from flattened float64 integral images ``(N, P)`` and their vnf.
+
+    With ``transposed=True``, ``flat`` is given as a C-contiguous ``(P, N)`` array
+    (callers evaluating many feature batches on the same samples transpose once).
+    """
     ids = np.arange(len(features)) if ids is None else np.asarray(ids, dtype=np.int64)
-    out = np.empty((len(flat), len(ids)), np.float32)
+    flat_t = flat if transposed else np.ascontiguousarray(flat.T)
+    out = np.empty((flat_t.shape[1], len(ids)), np.float32)
     for c0 in range(0, len(ids), chunk):
         m = features.sparse_matrix(ids[c0:c0 + chunk])
-        raw = np.asarray((m.T @ flat.T).T)  # exact integers in float64
-        out[:, c0:c0 + chunk] = raw.astype(np.float32) * vnf[:, None]
+        raw = m.T.tocsr() @ flat_t  # (F, N): exact integers in float64
+        out[:, c0:c0 + chunk] = raw.T.astype(np.float32) * vnf[:, None]
     return out
 
 
