@@ -153,6 +153,12 @@ def test_scan_matches_evaluate_windows(astronaut: np.ndarray) -> None:
     p2, s2 = cascade.evaluate_windows(np.ascontiguousarray(wins))
     np.testing.assert_array_equal(passed, p2)
     np.testing.assert_array_equal(sums, s2)
+    # the dense whole-grid path (first stage on shifted views) gives the same answers
+    from facepipe.vj.model import image_integrals
+
+    p3, s3 = cascade.run_grid(*image_integrals(grey), step=3)
+    np.testing.assert_array_equal(passed, p3)
+    np.testing.assert_array_equal(sums, s3)
 
 
 # ----------------------------------------------------------------------------- boosting

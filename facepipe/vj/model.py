@@ -12,6 +12,7 @@ the previous one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -98,23 +99,60 @@ class Cascade:
         and the sum of the last stage each window reached (float64, OpenCV's weight).
         """
         stages = self.stages if stages is None else stages
-        n = len(base)
-        passed = np.zeros(n, np.int32)
-        sums = np.zeros(n, np.float64)
-        alive = np.flatnonzero(valid)
-        for si, st in enumerate(stages):
+        passed = np.zeros(len(base), np.int32)
+        sums = np.zeros(len(base), np.float64)
+        self._run_from(0, stages, np.flatnonzero(valid), ii_flat, base, stride, vnf, passed, sums)
+        return passed, sums
+
+    def _run_from(self, first: int, stages: list[Stage], alive: np.ndarray, ii_flat: np.ndarray, base: np.ndarray,
+                  stride: int, vnf: np.ndarray, passed: np.ndarray, sums: np.ndarray) -> None:
+        """Stages ``first…`` on the windows ``alive`` (gathers), filling ``passed`` and ``sums`` in place."""
+        for si in range(first, len(stages)):
             if len(alive) == 0:
                 break
             b = base[alive]
-            v = vnf[alive]
-            tmp = np.zeros(len(alive), np.float64)
-            for s in st.stumps:
-                val = stump_values(self.features, s.feature, ii_flat, b, stride, v)
-                tmp += np.where(val < np.float32(s.threshold), np.float32(s.left), np.float32(s.right)).astype(np.float64)
+
+            def fetch(dy: int, dx: int, b: np.ndarray = b) -> np.ndarray:
+                return ii_flat.take(b + (dy * stride + dx))
+
+            tmp = stage_sum(self.features, stages[si], fetch, vnf[alive], len(alive))
             sums[alive] = tmp
-            ok = tmp >= np.float64(np.float32(st.threshold) - THRESHOLD_EPS)
-            alive = alive[ok]
+            alive = alive[tmp >= np.float64(np.float32(stages[si].threshold) - THRESHOLD_EPS)]
             passed[alive] = si + 1
+
+    def run_grid(self, ii: np.ndarray, sq: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate every ``step``-th window of an image (in :func:`window_grid` order).
+
+        The first stage, which every window meets, is computed on whole shifted
+        views of the integral image (no index arrays); the survivors go on with
+        gathers. Same arithmetic, same results as :meth:`run_positions`.
+        """
+        h, w = self.height, self.width
+        ny = (ii.shape[0] - 1 - h) // step + 1
+        nx = (ii.shape[1] - 1 - w) // step + 1
+        if ny <= 0 or nx <= 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.float64)
+
+        def view(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+            return a[dy:dy + (ny - 1) * step + 1:step, dx:dx + (nx - 1) * step + 1:step]
+
+        def rect(a: np.ndarray) -> np.ndarray:
+            return view(a, h - 1, w - 1) - view(a, 1, w - 1) - view(a, h - 1, 1) + view(a, 1, 1)
+
+        vnf, valid = norm_from_integrals(rect(ii), rect(sq), float((w - 2) * (h - 2)))
+        passed = np.zeros(ny * nx, np.int32)
+        sums = np.zeros(ny * nx, np.float64)
+        if not self.stages:
+            return passed, sums
+        st = self.stages[0]
+        tmp = stage_sum(self.features, st, lambda dy, dx: view(ii, dy, dx), vnf, (ny, nx)).ravel()
+        vnf, valid = vnf.ravel(), valid.ravel()
+        ok = valid & (tmp >= np.float64(np.float32(st.threshold) - THRESHOLD_EPS))
+        sums[valid] = tmp[valid]
+        passed[ok] = 1
+        yy, xx = np.divmod(np.arange(ny * nx, dtype=np.int64), nx)
+        base = yy * step * ii.shape[1] + xx * step
+        self._run_from(1, self.stages, np.flatnonzero(ok), ii.reshape(-1), base, ii.shape[1], vnf, passed, sums)
         return passed, sums
 
     def scan(self, grey: np.ndarray, positions: np.ndarray | None = None, step: int = 1
@@ -169,25 +207,47 @@ def positions_norm(ii: np.ndarray, sq: np.ndarray, positions: np.ndarray, width:
     return norm_from_integrals(rect(ii), rect(sq), float((width - 2) * (height - 2)))
 
 
-def stump_values(features: HaarFeatures, idx: int, ii_flat: np.ndarray, base: np.ndarray, stride: int,
+def stump_values(features: HaarFeatures, idx: int, fetch: Callable[[int, int], np.ndarray],
                  vnf: np.ndarray) -> np.ndarray:
-    """float32 normalised values of feature ``idx`` at windows ``base`` (OpenCV's arithmetic)."""
+    """float32 normalised values of feature ``idx`` (OpenCV's arithmetic).
+
+    ``fetch(dy, dx)`` returns the int64 integral-image values at offset ``(dy, dx)``
+    from every window's top-left corner (a gather or a shifted view).
+    """
     terms = features.merged_terms(idx)
-    if terms is not None:
+    if terms is not None:  # integer weights: the exact integer raw value, any order
         dy, dx, coef = terms
-        offs = dy * stride + dx
-        raw = coef[0] * ii_flat.take(base + offs[0])
-        for o, c in zip(offs[1:], coef[1:]):
-            raw += c * ii_flat.take(base + o)
-        return raw.astype(np.float32) * vnf
+        raw = None
+        for y, x, c in zip(dy.tolist(), dx.tolist(), coef.tolist()):
+            a = fetch(y, x)
+            if raw is None:
+                raw = a.copy() if c == 1 else c * a
+            elif c == 1:
+                np.add(raw, a, out=raw)
+            elif c == -1:
+                np.subtract(raw, a, out=raw)
+            else:
+                raw += c * a
+        val = raw.astype(np.float32)
+        val *= vnf
+        return val
     # general weights: per-rect float arithmetic in OpenCV's order
     ret = None
     for (x, y, w, h), wt in zip(features.rects[idx], features.weights[idx]):
         if wt == 0:
             continue
-        p0 = base + (y * stride + x)
-        s = (ii_flat.take(p0) - ii_flat.take(p0 + w) - ii_flat.take(p0 + h * stride)
-             + ii_flat.take(p0 + h * stride + w)).astype(np.float32)
+        x, y, w, h = int(x), int(y), int(w), int(h)
+        s = (fetch(y, x) - fetch(y, x + w) - fetch(y + h, x) + fetch(y + h, x + w)).astype(np.float32)
         term = np.float32(wt) * s
         ret = term if ret is None else ret + term
     return ret * vnf
+
+
+def stage_sum(features: HaarFeatures, stage: Stage, fetch: Callable[[int, int], np.ndarray], vnf: np.ndarray,
+              shape: int | tuple[int, ...]) -> np.ndarray:
+    """OpenCV's stage response: stump outputs summed in double, in stump order."""
+    tmp = np.zeros(shape, np.float64)
+    for s in stage.stumps:
+        val = stump_values(features, s.feature, fetch, vnf)
+        tmp += np.where(val < np.float32(s.threshold), np.float64(np.float32(s.left)), np.float64(np.float32(s.right)))
+    return tmp

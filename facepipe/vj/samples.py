@@ -193,6 +193,20 @@ class NegativeSource:
             pos = pos[keep]
         return scaled, pos, s
 
+    def _accepted(self, cascade: Cascade | None, scaled: np.ndarray, pos: np.ndarray, whole_page: bool
+                  ) -> np.ndarray:
+        """Which windows at ``pos`` (y, x) of a page the cascade accepts (σ ≤ 10 windows never)."""
+        ii, sq = image_integrals(scaled)
+        n_stages = len(cascade.stages) if cascade is not None else 0
+        if n_stages == 0:
+            return positions_norm(ii, sq, pos, self.width, self.height)[1]
+        if not whole_page:
+            return cascade.run_positions(ii, sq, pos)[0] == n_stages
+        # every allowed position of the page: evaluate the whole grid, then pick them
+        passed, _ = cascade.run_grid(ii, sq, self.stride)
+        nx = (scaled.shape[1] - self.width) // self.stride + 1
+        return passed[(pos[:, 0] // self.stride) * nx + pos[:, 1] // self.stride] == n_stages
+
     def false_alarm(self, cascade: Cascade, max_windows: int, seed: int = 12345) -> tuple[int, int]:
         """``(scanned, accepted)`` over up to ``max_windows`` windows of pages in a fixed random order."""
         rng = np.random.default_rng(seed)
@@ -201,12 +215,12 @@ class NegativeSource:
             if scanned >= max_windows:
                 break
             scaled, pos, _ = self._page(int(k))
+            n_allowed = len(pos)
             if len(pos) > max_windows - scanned:
                 pos = pos[rng.choice(len(pos), max_windows - scanned, replace=False)]
             if len(pos) == 0:
                 continue
-            ii, sq = image_integrals(scaled)
-            accepted += int((cascade.run_positions(ii, sq, pos)[0] == len(cascade.stages)).sum())
+            accepted += int(self._accepted(cascade, scaled, pos, whole_page=len(pos) == n_allowed).sum())
             scanned += len(pos)
         return scanned, accepted
 
@@ -229,7 +243,6 @@ class NegativeSource:
         taken = np.zeros(0, np.int64)  # keys page·2^42 + y·2^21 + x of windows already returned
         n_found = scanned = accepted = visited = 0
         acc_rate = max(prior_acceptance, 1e-9)
-        n_stages = len(cascade.stages) if cascade is not None else 0
         for pass_cap in (cap, cap * 8, None):
             for k in rng.permutation(n_pages):
                 if n_found >= n:
@@ -242,11 +255,7 @@ class NegativeSource:
                     m = min(len(pos), int(math.ceil(3.0 * pass_cap / acc_rate)) + 16)
                     if m < len(pos):
                         pos = pos[rng.choice(len(pos), m, replace=False)]
-                ii, sq = image_integrals(scaled)
-                if n_stages == 0:
-                    ok = positions_norm(ii, sq, pos, self.width, self.height)[1]
-                else:
-                    ok = cascade.run_positions(ii, sq, pos)[0] == n_stages
+                ok = self._accepted(cascade, scaled, pos, whole_page=pass_cap is None or m == len(pos))
                 scanned += len(pos)
                 accepted += int(ok.sum())
                 acc_rate = max(accepted / scanned, 0.5 / scanned)
