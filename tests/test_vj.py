@@ -232,6 +232,34 @@ def test_negatives_are_bootstrapped(trained, problem) -> None:  # noqa: ANN001
     assert 0 < rep.acceptance < 1
 
 
+def test_negatives_keep_away_from_excluded_boxes() -> None:
+    from facepipe.evaluate import box_iou_matrix
+    from facepipe.vj.samples import NegativeImage
+
+    rng = np.random.default_rng(6)
+    box = np.array([[40.0, 30.0, 50.0, 50.0]])
+    src = NegativeSource([NegativeImage(synthetic.noise(rng, 120, 160), box)], S, S, scale_step=1.5, max_iou=0.3)
+    n_checked = 0
+    for k, (_, scale) in enumerate(src.pages):
+        _, pos, s = src.page(k)
+        wins = np.stack([pos[:, 1] * s, pos[:, 0] * s, np.full(len(pos), S * s), np.full(len(pos), S * s)], 1)
+        assert box_iou_matrix(wins, box).max() < 0.3
+        n_checked += len(pos)
+    full = NegativeSource([NegativeImage(synthetic.noise(rng, 120, 160))], S, S, scale_step=1.5)
+    assert 0 < n_checked < full.n_windows()
+
+
+def test_face_windows_frame_the_box() -> None:
+    from facepipe.vj.facedata import cut_windows
+
+    img = np.zeros((100, 120), np.uint8)
+    img[20:60, 30:70] = 200  # the "face" fills the box exactly
+    win = cut_windows(img, np.array([[30.0, 20.0, 40.0, 40.0]]), 24)[0]
+    assert win[2:-2, 2:-2].min() == 200 and win.shape == (24, 24)
+    wider = cut_windows(img, np.array([[10.0, 0.0, 80.0, 80.0]]), 24)[0]
+    assert wider[:4].max() == 0 and wider[10:14, 10:14].min() == 200
+
+
 def test_xml_round_trip(trained, tmp_path: Path) -> None:  # noqa: ANN001
     out, result = trained
     back = read_cascade(out)

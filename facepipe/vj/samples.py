@@ -174,7 +174,7 @@ class NegativeSource:
         return total
 
     # ------------------------------------------------------------------ pages
-    def _page(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    def page(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Scaled grey image of page k, its allowed window positions and its scale."""
         import cv2
 
@@ -214,7 +214,7 @@ class NegativeSource:
         for k in rng.permutation(len(self.pages)):
             if scanned >= max_windows:
                 break
-            scaled, pos, _ = self._page(int(k))
+            scaled, pos, _ = self.page(int(k))
             n_allowed = len(pos)
             if len(pos) > max_windows - scanned:
                 pos = pos[rng.choice(len(pos), max_windows - scanned, replace=False)]
@@ -247,7 +247,7 @@ class NegativeSource:
             for k in rng.permutation(n_pages):
                 if n_found >= n:
                     break
-                scaled, pos, _ = self._page(int(k))
+                scaled, pos, _ = self.page(int(k))
                 if len(pos) == 0:
                     continue
                 visited += 1
