@@ -352,7 +352,7 @@ def test_cli_trains_and_detect_uses_the_cascade(synthetic_files: dict[str, str],
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["stages"] >= 4 and out.is_file() and state_path(out).is_file()
-    res = runner.invoke(cli, ["detect", "--detector", "haar", "--cascade", str(out), "--min-size", str(S),
+    res = runner.invoke(cli, ["detect", "--detector", "haar", "--cascade", str(out), "--min-detect-size", str(S),
                               "--format", "json", synthetic_files["scene"]])
     assert res.exit_code == 0, res.output
     faces = json.loads(res.stdout)[0]["faces"]
@@ -375,3 +375,31 @@ def test_cli_one_line_errors(synthetic_files: dict[str, str], tmp_path: Path) ->
     res = runner.invoke(cli, ["train", "cascade", "--positives", str(pos), "--negatives", str(neg),
                                "--out", str(tmp_path / "x.txt"), "-q"])
     assert res.exit_code != 0 and ".xml" in res.output
+
+
+# ----------------------------------------------------------------------------- the shipped face cascade
+SHIPPED = STOCK.parent / "facepipe_frontalface.xml"
+
+
+def test_shipped_face_cascade_finds_the_astronaut(astronaut: np.ndarray) -> None:
+    from facepipe.detect.haar import HaarDetector
+    from facepipe.types import Box
+
+    face = Box(181.0, 62.0, 87.0, 110.0)  # tight face box (MTCNN), see tests/test_haar.py
+    dets = HaarDetector(cascade=SHIPPED.name).detect(astronaut)
+    assert dets
+    best = dets[0].box
+    # head-box convention: a square around the whole head, centred on the face
+    assert best.x < face.x + face.w / 2 < best.x + best.w and best.y < face.y + face.h / 2 < best.y + best.h
+    assert best.w >= face.w and best.iou(face) > 0.3
+
+
+def test_shipped_face_cascade_python_evaluation_matches_opencv(astronaut: np.ndarray) -> None:
+    cascade = read_cascade(SHIPPED)
+    assert cascade.params.get("boost") == "gentle" and len(cascade.stages) >= 10
+    wins = _astronaut_windows(astronaut, cascade.width, 200)
+    passed, sums = cascade.evaluate_windows(wins)
+    acc_cv, sums_cv = _opencv_single_windows(SHIPPED, wins)
+    ours = passed == len(cascade.stages)
+    np.testing.assert_array_equal(ours, acc_cv)
+    np.testing.assert_array_equal(sums[ours], sums_cv[ours])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -124,7 +126,6 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, dat
         bar = None
         if not quiet:
             from tqdm import tqdm
-            import sys
 
             bar = tqdm(total=max_weak, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
 
@@ -145,8 +146,13 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, dat
                    f"accepted {st['neg_acceptance_before']:.2e} of negatives before it{extra} | {st['seconds']:.0f} s",
                    quiet)
 
+        if sys.argv[1:3] == ["train", "cascade"]:
+            info["command"] = "facepipe train cascade " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+        note = f"Data: {json.dumps({k: v for k, v in info.items() if k not in ('data', 'command')})}\n" \
+            f"Command line and per-stage figures: {out.stem}.train.json"
         result = train_cascade(np.ascontiguousarray(pos), neg, params, out, resume=resume, overwrite=force,
-                               validation=validation, info=info, on_stage=on_stage, on_round=on_round)
+                               validation=validation, info=info, comment=note, on_stage=on_stage,
+                               on_round=on_round)
         if bar is not None:
             bar.close()
     except (FacepipeError, ValueError) as exc:

@@ -132,12 +132,19 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
         raise OutputError(path, f"cannot write training state ({exc.strerror or exc})") from exc
 
 
-def _comment(params: TrainParams, stats: list[dict[str, Any]], extra: str) -> str:
+def cascade_comment(params: TrainParams, stats: list[dict[str, Any]], extra: str = "") -> str:
+    """The XML header comment: what trained the cascade, how, and with what result."""
     import facepipe
 
-    lines = [f"Haar cascade trained by facepipe {getattr(facepipe, '__version__', '')} (facepipe train cascade).",
+    version = getattr(facepipe, "__version__", "")
+    lines = [f"Viola-Jones Haar cascade trained by facepipe {version} (facepipe.vj, 'facepipe train cascade').",
              f"Parameters: {json.dumps(asdict(params))}",
-             f"Stages: {len(stats)}; weak classifiers: {sum(s['n_weak'] for s in stats)}."]
+             f"Stages: {len(stats)}; weak classifiers (stumps): {sum(s['n_weak'] for s in stats)}."]
+    if stats:
+        last = stats[-1]
+        lines.append(f"Last stage on its training samples: hit rate {last['hit_rate']:.4f}, false alarm "
+                     f"{last['false_alarm']:.4f}; the cascade before it accepted "
+                     f"{last['neg_acceptance_before']:.3g} of the negative windows.")
     if extra:
         lines.append(extra)
     return "\n".join(lines)
@@ -173,7 +180,7 @@ def validation_figures(cascade: Cascade, val_pos: np.ndarray | None, val_neg: Ne
 def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: TrainParams, out: str | Path,
                   resume: bool = False, overwrite: bool = False,
                   validation: tuple[np.ndarray | None, NegativeSource | None] | None = None,
-                  val_windows: int = 300_000, info: dict[str, Any] | None = None,
+                  val_windows: int = 300_000, info: dict[str, Any] | None = None, comment: str = "",
                   on_stage: Callable[[dict[str, Any]], None] | None = None,
                   on_round: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
     """Train (or continue training) a cascade and write it to ``out`` after every stage.
@@ -181,7 +188,8 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
     ``positives`` are ``(N, height, width)`` uint8 windows; ``negatives`` draws the
     negative windows. ``validation`` optionally gives held-out positives and a
     held-out negative source, measured after every stage (never used for training).
-    ``info`` is stored in the state file (data provenance). ``on_stage`` receives
+    ``info`` is stored in the state file (data provenance) and ``comment`` in the XML
+    header (e.g. the command line). ``on_stage`` receives
     each stage's figures; ``on_round(stage, weak, hit, fa)`` each boosting round.
     """
     params.validate()
@@ -233,7 +241,7 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
                "rng": rng.bit_generator.state, "finished": finished, "stop_reason": stop_reason,
                "seconds": elapsed_before + time.perf_counter() - t_start,
                "updated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        write_cascade(cascade, out, _comment(params, stats, ""))
+        write_cascade(cascade, out, cascade_comment(params, stats, comment))
         _write_json(sp, doc)
 
     acceptance = float(stats[-1]["neg_acceptance_before"]) if stats else 1.0
