@@ -145,3 +145,29 @@ def test_reembed_reports_missing_and_changed_sources(tmp_path: Path, photos: dic
 def test_reembed_usage_errors(untrained_gallery: Path) -> None:
     r = run("gallery", "reembed", "-g", untrained_gallery, "--out", untrained_gallery)
     assert r.exit_code == 2 and "new directory" in r.stderr
+
+
+def test_identify_annotate_draws_names(untrained_gallery: Path, photos: dict[str, Path], tmp_path: Path) -> None:
+    """identify --annotate DIR: a copy of each image with the face boxed and labelled (issue 11 item 5)."""
+    out = tmp_path / "ann"
+    r = run("identify", "-g", untrained_gallery, "--device", "cpu", "--format", "jsonl", "--annotate", out,
+            photos["p2"])
+    assert r.exit_code == 0, r.output
+    face = json.loads(r.stdout)["faces"][0]
+    drawn = np.asarray(Image.open(out / photos["p2"].name).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(photos["p2"]).convert("RGB")).astype(int)
+    assert drawn.shape == original.shape
+    x, y, w, h = (int(round(face[k])) for k in ("x", "y", "w", "h"))
+    diff = np.abs(drawn - original).sum(axis=2) > 60
+    # the box outline is drawn (left edge) and the inside of the face is left alone
+    assert diff[y + h // 4:y + 3 * h // 4, max(x - 2, 0):x + 3].mean(axis=0).max() > 0.8
+    assert diff[y + h // 3:y + 2 * h // 3, x + w // 3:x + 2 * w // 3].mean() < 0.05
+    # the named face is boxed in green (known), with its label above it
+    green = (drawn[..., 1] > 180) & (drawn[..., 0] < 90) & (drawn[..., 2] < 150)
+    assert green[max(y - 30, 0):y + h, x:x + w].sum() > 50
+    # an unknown face is drawn in red
+    out2 = tmp_path / "ann2"
+    run("identify", "-g", untrained_gallery, "--device", "cpu", "--tolerance", "0", "--annotate", out2, photos["p2"])
+    drawn2 = np.asarray(Image.open(out2 / photos["p2"].name).convert("RGB")).astype(int)
+    red = (drawn2[..., 0] > 200) & (drawn2[..., 1] < 110) & (drawn2[..., 2] < 110)
+    assert red[max(y - 30, 0):y + h, x:x + w].sum() > 50
