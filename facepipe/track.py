@@ -273,6 +273,30 @@ class Tracker:
             tr.votes.append((o.name, float(o.score) if o.score is not None else 0.0))
 
 
+def suppress_duplicates(observations: Sequence[Observation], containment: float = 0.6) -> list[Observation]:
+    """One frame's faces without duplicate boxes of one face: of two boxes one of which lies at
+    least ``containment`` inside the other (intersection over the smaller box's area), the
+    lower-scoring one is dropped (Haar keeps nested boxes of one face at neighbouring
+    scales; a second face cannot lie inside a face). Order is kept."""
+    obs = list(observations)
+    keep = [True] * len(obs)
+    order = sorted(range(len(obs)), key=lambda i: -float(obs[i].detection.score))
+    for rank, i in enumerate(order):
+        if not keep[i]:
+            continue
+        bi = obs[i].detection.box
+        for j in order[rank + 1:]:
+            if not keep[j]:
+                continue
+            bj = obs[j].detection.box
+            ix = max(0.0, min(bi.x2, bj.x2) - max(bi.x, bj.x))
+            iy = max(0.0, min(bi.y2, bj.y2) - max(bi.y, bj.y))
+            smaller = min(bi.area, bj.area)
+            if smaller > 0 and ix * iy / smaller >= containment:
+                keep[j] = False
+    return [o for o, k in zip(obs, keep) if k]
+
+
 def _majority_name(tr: Track) -> str | None:
     names = [n for n, _ in tr.votes if n != UNKNOWN]
     if not names or len(names) * 2 < len(tr.votes):
@@ -281,14 +305,18 @@ def _majority_name(tr: Track) -> str | None:
 
 
 def stitch_tracks(tracks: Sequence[Track], sim_min: float, max_gap_s: float = 5.0,
-                  cut_times: Sequence[float] = (), max_jump: float = 3.0) -> dict[int, int]:
+                  cut_times: Sequence[float] = (), max_jump: float = 3.0,
+                  across_cuts: bool = False) -> dict[int, int]:
     """Re-identification after tracking: which tracks are continuations of an earlier one.
 
     A track B continues an earlier track A when B starts after A ended, at most
     ``max_gap_s`` later; both have embeddings and A's latest embedding and B's first
-    are alike (cosine at least ``sim_min``); within one shot (no time in ``cut_times``
-    between them) B starts within ``max_jump`` face sizes of where A was last seen; and
-    their frames do not name two different people. Pairs are joined greedily, most
+    are alike (cosine at least ``sim_min``); they are in one shot (no time in
+    ``cut_times`` between them; ``across_cuts`` allows joining across a cut on the faces
+    alone, which an embedder weaker than the gallery's decision needs does badly: on the
+    shared Hamilton clip it joined audience members to the singer) and B starts within
+    ``max_jump`` face sizes of where A was last seen; and their frames do not name two
+    different people. Pairs are joined greedily, most
     similar first, each track continuing and continued at most once (so chains form:
     a face lost twice is joined twice). Returns ``{track_id: id of its chain's first
     track}`` for every track (unchanged ids map to themselves).
@@ -310,6 +338,8 @@ def stitch_tracks(tracks: Sequence[Track], sim_min: float, max_gap_s: float = 5.
             if sim < sim_min:
                 continue
             same_shot = not any(a.last_time < c <= b.first_time for c in cuts)
+            if not same_shot and not across_cuts:
+                continue
             if same_shot and b.first_box is not None:
                 (ax, ay), (bx, by) = a.box.center, b.first_box.center
                 size = max(a.box.w, a.box.h, b.first_box.w, b.first_box.h, 1.0)

@@ -57,10 +57,11 @@ def test_stitch_refuses(case: str) -> None:
     assert stitch_tracks([a, b], sim_min=0.5, max_gap_s=5.0) == {1: 1, 2: 2}
 
 
-def test_stitch_across_a_cut_needs_only_the_face() -> None:
+def test_stitch_across_a_cut_only_when_asked() -> None:
     e = _unit(0)
     a, b = _track(1, 0.0, 2.0, e, B, B), _track(2, 3.0, 5.0, e, FAR, FAR)
-    assert stitch_tracks([a, b], 0.5, cut_times=[2.5]) == {1: 1, 2: 1}
+    assert stitch_tracks([a, b], 0.5, cut_times=[2.5]) == {1: 1, 2: 2}
+    assert stitch_tracks([a, b], 0.5, cut_times=[2.5], across_cuts=True) == {1: 1, 2: 1}
 
 
 def test_stitch_chains_and_prefers_the_most_similar() -> None:
@@ -170,3 +171,18 @@ def test_tracker_unchanged_for_a_steady_face() -> None:
     for k in range(10):
         tr.update(k, k * 0.04, [Observation(Detection(Box(100 + k, 100, 50, 50), 0.9, "mtcnn"), e)])
     assert len(tr.tracks) == 1 and stitch_tracks(tr.tracks, 0.5) == {1: 1}
+
+
+def test_suppress_duplicates_drops_nested_boxes_of_one_face() -> None:
+    from facepipe.track import suppress_duplicates
+
+    def o(x: float, y: float, w: float, s: float) -> Observation:
+        return Observation(Detection(Box(x, y, w, w), s, "haar"))
+
+    face, nested, neighbour, overlapping = o(100, 100, 80, 5.0), o(110, 110, 60, 3.0), o(200, 100, 80, 4.0), \
+        o(150, 100, 80, 2.0)
+    kept = suppress_duplicates([nested, face, neighbour, overlapping])
+    # the nested box goes; a neighbour and a half-overlapping face (another person) stay, order kept
+    assert kept == [face, neighbour, overlapping]
+    # the higher score wins whichever box is larger
+    assert suppress_duplicates([o(100, 100, 80, 1.0), o(110, 110, 60, 9.0)])[0].detection.score == 9.0

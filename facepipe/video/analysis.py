@@ -61,7 +61,9 @@ class OnetLandmarker:
     """
 
     def __init__(self, device: str = "auto", threshold: float = 0.5, passes: int = 2) -> None:
-        from facenet_pytorch.models.mtcnn import ONet
+        from facepipe.fastimport import mtcnn_module
+
+        ONet = mtcnn_module().ONet  # noqa: N806 (facenet-pytorch's class, without all of torchvision)
 
         from facepipe.device import resolve_device
 

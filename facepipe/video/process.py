@@ -14,7 +14,8 @@ import numpy as np
 
 from facepipe.errors import OutputError
 from facepipe.track import (
-    UNKNOWN, Observation, Track, Tracker, Vote, covered_by_tracks, merge_tracks, stitch_tracks, vote_identity,
+    UNKNOWN, Observation, Track, Tracker, Vote, covered_by_tracks, merge_tracks, stitch_tracks, suppress_duplicates,
+    vote_identity,
 )
 from facepipe.types import RESPONSE_SCORE_DETECTORS, Box, score_fields
 from facepipe.video.analysis import SHOT_CUT_DISTANCE, STAGES, FrameAnalyzer, frame_signature, shot_distance
@@ -223,7 +224,7 @@ def process_video(
                         if fr.image is None:
                             pending.append(rec)
                             continue
-                        obs = next(observations)
+                        obs = suppress_duplicates(next(observations))
                         if fr.index in cut_at:
                             tracker.cut()
                             rec["cut"] = True
