@@ -240,3 +240,20 @@ def test_near_tie_is_unknown_and_flagged() -> None:
     assert decide([Match("ada", 0.724), Match("bob", 0.722)], 0.5).name == "ada"  # rule off by default
     lone = decide([Match("ada", 0.6)], 0.5, min_margin=0.5)
     assert lone.name == "ada" and lone.margin is None  # no runner-up: the rule does not apply
+
+
+def test_every_float_option_refuses_nan_and_infinity() -> None:
+    """Issue 9 item 4: no float option of any command takes NaN (click's FloatRange would)."""
+    from facepipe.commands._common import FiniteFloat
+
+    seen = 0
+    for name, cmd in _all_commands().items():
+        for p in cmd.params:
+            if isinstance(p.type, (click.types.FloatParamType, click.FloatRange)) or p.type is click.FLOAT:
+                raise AssertionError(f"{name} {p.opts}: plain float type lets NaN through; use FiniteFloat")
+            if isinstance(p.type, FiniteFloat):
+                seen += 1
+                for bad in ("nan", "inf", "-inf"):
+                    with pytest.raises(click.BadParameter):
+                        p.type.convert(bad, p, None)
+    assert seen >= 10

@@ -10,8 +10,9 @@ import click
 
 from facepipe.builders import HAAR_BASED, build_detector
 from facepipe.commands._common import (
-    BatchTally, RecordWriter, annotated_path, detector_option, device_option, expand_inputs, fail, format_option,
-    make_engine, min_detect_size_option, progress_bar, report, setup_logging, verbosity_options, workers_option,
+    BatchTally, FiniteFloat, RecordWriter, annotated_path, detector_option, device_option, expand_inputs, fail,
+    format_option, make_engine, min_detect_size_option, progress_bar, report, setup_logging, verbosity_options,
+    workers_option,
 )
 from facepipe.errors import FacepipeError, ImageReadError
 
@@ -24,7 +25,7 @@ CSV_HEADER = ["path", "top", "right", "bottom", "left", "det_score"]
 @click.option("--cascade", default=None,
               help="Haar cascade (haar, haar+cnn): default, alt, alt2, alt_tree, profile, or a cascade XML path.")
 @min_detect_size_option
-@click.option("--scale-factor", type=click.FloatRange(min=1.0, min_open=True), default=None,
+@click.option("--scale-factor", type=FiniteFloat(min=1.0, min_open=True), default=None,
               help="Pyramid scale step (haar) [1.1].")
 @click.option("--min-neighbors", type=click.IntRange(min=0), default=None,
               help="Overlapping raw hits a Haar face needs [3].")

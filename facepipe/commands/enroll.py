@@ -134,7 +134,7 @@ class _EnrollCommand(click.Command):
                    "nlist=1024, nprobe=64 (ivf). Repeatable.")
 @click.option("--aggregation", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="New gallery: a person's score is the max, or the mean of the top 3, of their vectors' scores.")
-@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+@click.option("--fpir", type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="Target false-positive identification rate (share of people who are not enrolled that "
                    "may be named as someone); the threshold is derived from the embedder's impostor model "
                    f"and re-derived as people are enrolled [{defaults.TARGET_FPIR}].")

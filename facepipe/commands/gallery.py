@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from facepipe.commands._common import (
-    RecordWriter, fail, progress, report, report_error, setup_logging, verbosity_options,
+    FiniteFloat, RecordWriter, fail, progress, report, report_error, setup_logging, verbosity_options,
 )
 from facepipe.builders import build_pipeline, gallery_embedder
 from facepipe.commands._common import gallery_option, model_options
@@ -103,7 +103,7 @@ def _probe_items(root: Path, max_per_person: int | None) -> dict[str, list[Path]
 
 @gallery.command("calibrate")
 @_gallery_option
-@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+@click.option("--fpir", type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="Target false-positive identification rate: the share of people who are not enrolled "
                    "that may be named as someone [the gallery's target, else facepipe's default].")
 @click.option("--impostors", "impostor_root", default=None,

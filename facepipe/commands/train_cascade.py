@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands._common import fail, report, setup_logging, verbosity_options
+from facepipe.commands._common import FiniteFloat, fail, report, setup_logging, verbosity_options
 from facepipe.errors import FacepipeError
 
 
@@ -40,9 +40,9 @@ def _parse_size(value: str) -> tuple[int, int]:
                    "next to it as <name>.train.json.")
 @click.option("--size", "size", default="24", show_default=True, help="Window size: N or WxH pixels.")
 @click.option("--stages", type=click.IntRange(min=1, max=100), default=20, show_default=True)
-@click.option("--min-hit-rate", type=click.FloatRange(0.5, 1.0, min_open=True), default=0.995, show_default=True,
+@click.option("--min-hit-rate", type=FiniteFloat(0.5, 1.0, min_open=True), default=0.995, show_default=True,
               help="Fraction of positives every stage must keep.")
-@click.option("--max-false-alarm", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
+@click.option("--max-false-alarm", type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Fraction of negatives a stage may still accept.")
 @click.option("--num-pos", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Positives per stage (drawn from those the cascade still accepts).")
@@ -62,7 +62,7 @@ def _parse_size(value: str) -> tuple[int, int]:
               help="Add mirrored copies of the positives [on with --dev-faces, else off].")
 @click.option("--jitter", type=click.IntRange(min=0), default=1, show_default=True,
               help="--dev-faces: randomly shifted/scaled/rotated copies per face.")
-@click.option("--scale-step", type=click.FloatRange(1.05, 4.0), default=1.25, show_default=True,
+@click.option("--scale-step", type=FiniteFloat(1.05, 4.0), default=1.25, show_default=True,
               help="Pyramid step between the scales negatives are drawn at.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run whose state sits next to --out.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands._common import fail, report, setup_logging, verbosity_options
+from facepipe.commands._common import FiniteFloat, fail, report, setup_logging, verbosity_options
 from facepipe.errors import FacepipeError
 
 
@@ -23,12 +23,12 @@ from facepipe.errors import FacepipeError
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--canvas", type=click.IntRange(min=64), default=256, show_default=True,
               help="Side of the composite training images.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option("--mine-at", "mine_at", multiple=True, type=click.IntRange(min=1),
               help="Steps at which hard negatives are mined (repeatable) [1200, 2200].")
 @click.option("--hard-negatives", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Hard negatives mined per round.")
-@click.option("--target-precision", type=click.FloatRange(0, 1), default=0.97, show_default=True,
+@click.option("--target-precision", type=FiniteFloat(0, 1), default=0.97, show_default=True,
               help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
 @click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,
               help="LFW photos per training person.")

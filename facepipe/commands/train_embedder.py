@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands._common import fail, report, setup_logging, verbosity_options
+from facepipe.commands._common import FiniteFloat, fail, report, setup_logging, verbosity_options
 from facepipe.errors import FacepipeError
 
 LOSS_CHOICES = ["triplet-semihard", "triplet-hard", "contrastive", "multisimilarity", "supcon"]
@@ -26,12 +26,12 @@ LOSS_CHOICES = ["triplet-semihard", "triplet-hard", "contrastive", "multisimilar
 @click.option("--m-per-class", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--crop-size", type=click.IntRange(min=64, max=160), default=112, show_default=True)
 @click.option("--dim", type=click.IntRange(min=128, max=512), default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0.0), default=1e-3, show_default=True)
 @click.option("--teacher", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="dlib descriptor cache (scripts/train_embedder.py teacher) to distil from.")
 @click.option("--extra", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Unlabelled aligned caches used for distillation only (repeatable).")
-@click.option("--distill-weight", type=float, default=1.0, show_default=True)
+@click.option("--distill-weight", type=FiniteFloat(min=0.0), default=1.0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (bf16 on CUDA).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--freeze-blocks", type=click.IntRange(min=0, max=18), default=0, show_default=True,

@@ -103,10 +103,10 @@ def _quiet_decoder_logs(verbose: int) -> None:
 @click.option("--annotate/--no-annotate", default=True, show_default=True,
               help="Write NAME.annotated.mp4 with boxes, names and track ids.")
 @click.option("--resume", is_flag=True, help="Skip videos already finished with the same settings.")
-@click.option("--shot-cut", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+@click.option("--shot-cut", type=FiniteFloat(0.0, 1.0), default=0.3, show_default=True,
               help="End all tracks where consecutive analysed frames' colour histograms differ by "
               "more than this (Bhattacharyya distance; a camera cut). 0 disables.")
-@click.option("--max-gap", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+@click.option("--max-gap", type=FiniteFloat(min=0.0), default=1.0, show_default=True,
               help="Seconds a track survives without being seen.")
 @click.option("--reid-gap", type=FiniteFloat(min=0.0), default=defaults.VIDEO_REID_GAP, show_default=True,
               metavar="SECONDS", help="Join a track to one that ended at most this long before when their faces "
