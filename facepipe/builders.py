@@ -46,7 +46,7 @@ def build_detector(
         "device": device if name not in CPU_ONLY_DETECTORS else None,
         "min_size": min_size,
         # the CNN's pyramid step is its own option name; MTCNN has a fixed factor
-        ("scale_step" if name == "cnn" else "scale_factor"): scale_factor if name != "mtcnn" else None,
+        ("scale_step" if name in ("cnn", "cnn-pyramid") else "scale_factor"): scale_factor if name != "mtcnn" else None,
         "min_neighbors": min_neighbors if haar_based else None,
     }
     kwargs = {k: v for k, v in options.items() if v is not None}

