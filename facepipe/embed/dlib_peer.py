@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from facepipe.embed.base import Embedder
 from facepipe.errors import DeviceUnavailableError, FacepipeError, ShapeError
 
 if TYPE_CHECKING:
-    from facepipe.types import Detection
+    from facepipe.types import Box, Detection
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE5_FILE = "shape_predictor_5_face_landmarks.dat"
@@ -42,12 +42,45 @@ def model_dir() -> Path:
     return d
 
 
+def _import_dlib():  # noqa: ANN202 - dlib has no type stubs
+    try:
+        import dlib
+    except ImportError as exc:
+        raise PeerUnavailableError("dlib peer needs dlib: pip install 'facepipe[peers]'") from exc
+    return dlib
+
+
+def dlib_rect(box: "Box"):  # noqa: ANN201
+    """The dlib rectangle facepipe hands dlib's shape predictor for a detection box (rounded corners)."""
+    dlib = _import_dlib()
+    return dlib.rectangle(int(round(box.x)), int(round(box.y)), int(round(box.x2)), int(round(box.y2)))
+
+
+def dlib_shape_predictor() -> "Callable[[np.ndarray, Box], np.ndarray]":
+    """dlib's public-domain 5-point shape predictor as ``f(image, box) -> (5, 2)`` float points.
+
+    Point order is dlib's: right-eye outer/inner corner, left-eye outer/inner corner
+    (image left/right reversed: dlib's part 0 is the outer corner of the eye on the
+    image's right), nose base. dlib stores integer pixel positions.
+    """
+    dlib = _import_dlib()
+    sp = dlib.shape_predictor(str(model_dir() / SHAPE5_FILE))
+
+    def predict(image: np.ndarray, box: "Box") -> np.ndarray:
+        shape = sp(np.ascontiguousarray(image), dlib_rect(box))
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+
+    return predict
+
+
 class DlibEmbedder(Embedder):
     """dlib's 128-d ResNet descriptor (CPU), L2-normalised so cosine similarity applies."""
 
     name = "dlib-resnet-v1"
     dim = 128
     crop_size = 150
+    alignment = "dlib-chip-5pt"
+    registry_name = "dlib"
 
     def __init__(self, device: str = "auto", padding: float = 0.25, jitters: int = 0) -> None:
         if str(device).startswith("cuda"):

@@ -1,21 +1,38 @@
-"""facepipe's metric-learning face embedder: network, self-describing checkpoint, inference.
+"""facepipe's face embedders: networks, the self-describing checkpoint, inference.
 
-Network: an ImageNet MobileNetV2 feature extractor (torchvision), global average
-pooling, dropout, a linear projection to ``dim`` (128 by default) with batch norm,
-and L2 normalisation, so cosine similarity is a dot product.
+Networks (``arch["backbone"]``):
+
+* ``mobilenet_v2``: an ImageNet MobileNetV2 feature extractor (torchvision), global
+  average pooling, dropout, a linear projection to ``dim`` with batch norm;
+* ``dlib_resnet``: dlib's face-recognition ResNet family (:mod:`facepipe.embed.dlib_resnet`):
+  the port of dlib's public-domain model, networks fine-tuned from it, a new head on
+  its frozen trunk, or slimmer students of the same topology.
+
+Every embedding is L2-normalised, so cosine similarity is a dot product.
 
 Checkpoint (one ``torch.save`` dict, loadable with ``weights_only=True``)::
 
-    {"format": "facepipe-embedder", "format_version": 1,
+    {"format": "facepipe-embedder", "format_version": 2,
      "name": str, "version": str,
-     "arch": {"backbone": "mobilenet_v2", "dim": 128, "dropout": 0.2},
-     "preprocess": {"crop_size": 112, "alignment": "arcface-5pt-similarity",
-                    "color": "RGB", "mean": [...], "std": [...], "flip_tta": bool},
-     "training": {... loss, data summary, epochs, seed, metrics ...},
+     "registry_name": str,            # the name load_embedder() knows it by (v2, optional)
+     "arch": {"backbone": "mobilenet_v2" | "dlib_resnet", "dim": 128, ...},
+     "preprocess": {"crop_size": 112 | 150,
+                    "alignment": "arcface-5pt-similarity" | "dlib-chip-5pt",
+                    "align_size": 150,     # optional: warp to this side, then area-resize to crop_size
+                    "color": "RGB", "flip_tta": bool,
+                    "mean": [...], "std": [...]            # x = (pixel/255 - mean) / std
+                    # or "pixel_mean": [...], "pixel_divisor": 256  (dlib: (pixel - mean) / 256)
+                   },
+     "provenance": {... where every weight came from ...},   # v2, optional
+     "training": {... loss, data summary, seed, metrics ...},
+     "calibration": {...},            # optional: open-set statistics (facepipe.gallery)
      "state_dict": {name: fp16 tensor}}
 
-:func:`load_checkpoint` validates every field and raises :class:`CheckpointError`
-naming the file on anything missing, corrupt or mismatched.
+Unknown top-level keys are kept (``NetworkEmbedder.checkpoint_extra``);
+``calibration`` is exposed as ``NetworkEmbedder.calibration``. Version-1 files (the
+first MobileNetV2 embedder) load unchanged. :func:`load_checkpoint` validates every
+field and raises :class:`CheckpointError` naming the file on anything missing,
+corrupt or mismatched.
 """
 
 from __future__ import annotations
@@ -38,9 +55,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "facepipe-embedder"
-FORMAT_VERSION = 1
-BACKBONES = ("mobilenet_v2",)
+FORMAT_VERSION = 2
+BACKBONES = ("mobilenet_v2", "dlib_resnet")
 ALIGNMENT = "arcface-5pt-similarity"
+ALIGNMENTS = ("arcface-5pt-similarity", "dlib-chip-5pt")
+#: Top-level checkpoint keys this module interprets; anything else is carried along.
+KNOWN_KEYS = ("format", "format_version", "name", "version", "registry_name", "arch", "preprocess",
+              "provenance", "training", "state_dict", "calibration")
 
 
 def default_preprocess(crop_size: int = 112, flip_tta: bool = True) -> dict[str, Any]:
@@ -49,6 +70,24 @@ def default_preprocess(crop_size: int = 112, flip_tta: bool = True) -> dict[str,
 
     return {"crop_size": int(crop_size), "alignment": ALIGNMENT, "color": "RGB",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "flip_tta": bool(flip_tta)}
+
+
+def dlib_preprocess(pixel_mean: tuple[float, float, float] | list[float], crop_size: int = 150,
+                    flip_tta: bool = False) -> dict[str, Any]:
+    """Preprocessing record of dlib-family networks: dlib chip geometry, ``(pixel - mean) / 256``."""
+    return {"crop_size": int(crop_size), "alignment": "dlib-chip-5pt", "color": "RGB",
+            "pixel_mean": [float(m) for m in pixel_mean], "pixel_divisor": 256.0, "flip_tta": bool(flip_tta)}
+
+
+def input_affine(preprocess: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(a, b)`` with network input ``x = pixel · a − b`` for a preprocess record."""
+    if "pixel_mean" in preprocess:
+        d = float(preprocess.get("pixel_divisor", 256.0))
+        mean = np.asarray(preprocess["pixel_mean"], np.float64)
+        return np.full(3, 1.0 / d, np.float32), (mean / d).astype(np.float32)
+    mean = np.asarray(preprocess["mean"], np.float64)
+    std = np.asarray(preprocess["std"], np.float64)
+    return (1.0 / (255.0 * std)).astype(np.float32), (mean / std).astype(np.float32)
 
 
 def build_network(arch: Mapping[str, Any], pretrained: bool = False) -> "nn.Module":
@@ -64,6 +103,10 @@ def build_network(arch: Mapping[str, Any], pretrained: bool = False) -> "nn.Modu
     dim = int(arch.get("dim", 128))
     if not 16 <= dim <= 2048:
         raise ValueError(f"embedding dim {dim} out of range 16..2048")
+    if backbone == "dlib_resnet":
+        from facepipe.embed.dlib_resnet import build_dlib_resnet
+
+        return build_dlib_resnet(arch)
 
     class EmbeddingNet(nn.Module):
         """MobileNetV2 features -> GAP -> dropout -> linear -> BN -> L2 norm."""
@@ -104,15 +147,30 @@ def state_dict_hash(state_dict: Mapping[str, "torch.Tensor"]) -> str:
 
 
 def make_checkpoint(net: "nn.Module", *, name: str, version: str, arch: Mapping[str, Any],
-                    preprocess: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
-    """The self-describing checkpoint dict for a trained network (fp16 weights)."""
+                    preprocess: Mapping[str, Any], training: Mapping[str, Any],
+                    registry_name: str | None = None, provenance: Mapping[str, Any] | None = None,
+                    dtype: str = "float16", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The self-describing checkpoint dict for a trained network (fp16 weights unless ``dtype="float32"``).
+
+    ``registry_name`` is the stable name :func:`facepipe.embed.load_embedder` knows the
+    shipped file by (a gallery manifest can record it); ``provenance`` says where every
+    weight came from; ``extra`` adds further top-level keys (e.g. ``calibration``).
+    """
     import torch
 
-    sd = {k: (v.detach().cpu().to(torch.float16) if v.is_floating_point() else v.detach().cpu())
+    dt = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    sd = {k: (v.detach().cpu().to(dt) if v.is_floating_point() else v.detach().cpu())
           for k, v in net.state_dict().items()}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": str(name),
-            "version": str(version), "arch": dict(arch), "preprocess": dict(preprocess),
-            "training": dict(training), "state_dict": sd}
+    ck = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": str(name),
+          "version": str(version), "arch": dict(arch), "preprocess": dict(preprocess),
+          "training": dict(training), "state_dict": sd}
+    if registry_name:
+        ck["registry_name"] = str(registry_name)
+    if provenance:
+        ck["provenance"] = dict(provenance)
+    for k, v in (extra or {}).items():
+        ck[k] = v
+    return ck
 
 
 def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -163,11 +221,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     _require(ckpt, "name", str, p)
     if arch.get("backbone") not in BACKBONES:
         raise CheckpointError(p, f"unknown backbone {arch.get('backbone')!r}; valid: {', '.join(BACKBONES)}")
-    for key in ("crop_size", "mean", "std"):
+    if "crop_size" not in pre:
+        raise CheckpointError(p, "preprocess record lacks 'crop_size'")
+    norm = ("pixel_mean",) if "pixel_mean" in pre else ("mean", "std")
+    for key in norm:
         if key not in pre:
             raise CheckpointError(p, f"preprocess record lacks {key!r}")
-    if pre.get("alignment", ALIGNMENT) != ALIGNMENT:
-        raise CheckpointError(p, f"unsupported alignment {pre.get('alignment')!r}")
+        if not isinstance(pre[key], (list, tuple)) or len(pre[key]) != 3:
+            raise CheckpointError(p, f"preprocess {key!r} must list 3 channel values")
+    if pre.get("alignment", ALIGNMENT) not in ALIGNMENTS:
+        raise CheckpointError(p, f"unsupported alignment {pre.get('alignment')!r}; valid: {', '.join(ALIGNMENTS)}")
+    if "calibration" in ckpt and ckpt["calibration"] is not None and not isinstance(ckpt["calibration"], dict):
+        raise CheckpointError(p, "field 'calibration' must be a dict")
     return ckpt
 
 
@@ -182,7 +247,10 @@ class NetworkEmbedder(Embedder):
     def __init__(self, net: "nn.Module", *, name: str, arch: Mapping[str, Any],
                  preprocess: Mapping[str, Any], training: Mapping[str, Any] | None = None,
                  version: str = "0", device: str = "auto", batch_size: int = 256,
-                 flip_tta: bool | None = None, source: str | None = None) -> None:
+                 flip_tta: bool | None = None, source: str | None = None,
+                 registry_name: str | None = None, provenance: Mapping[str, Any] | None = None,
+                 calibration: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
         import torch
 
         from facepipe.device import resolve_device
@@ -194,16 +262,30 @@ class NetworkEmbedder(Embedder):
         self.preprocess = dict(preprocess)
         self.training = dict(training or {})
         self.source = source
+        self.registry_name = registry_name
+        self.provenance = dict(provenance) if provenance else None
+        #: Open-set statistics stored in the checkpoint (``None`` when it has none).
+        self.calibration = dict(calibration) if calibration is not None else None
+        #: Top-level checkpoint keys this class does not interpret, kept as they were.
+        self.checkpoint_extra = dict(extra or {})
         self.dim = int(arch["dim"])
         self.crop_size = int(preprocess["crop_size"])
+        self.alignment = str(preprocess.get("alignment", ALIGNMENT))
+        self.align_size = int(preprocess["align_size"]) if preprocess.get("align_size") else None
         self.flip_tta = bool(preprocess.get("flip_tta", False)) if flip_tta is None else bool(flip_tta)
         self.batch_size = int(batch_size)
         self._hash = state_dict_hash(net.state_dict())
-        self.net = net.float().eval().to(self.device)
+        net = net.float().eval()
+        if arch.get("backbone") == "dlib_resnet":
+            from facepipe.embed.dlib_resnet import fuse_affines
+
+            net = fuse_affines(net)  # same outputs, one pass fewer per conv
+        self.net = net.to(self.device)
         if self.device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(preprocess["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        a, b = input_affine(preprocess)
+        self._scale = torch.from_numpy(a).to(self.device).view(1, 3, 1, 1)
+        self._shift = torch.from_numpy(b).to(self.device).view(1, 3, 1, 1)
 
     @property
     def embedder_id(self) -> str:
@@ -212,9 +294,10 @@ class NetworkEmbedder(Embedder):
 
     def describe(self) -> dict[str, Any]:
         """Everything a report or gallery manifest needs about this embedder."""
-        return {"embedder_id": self.embedder_id, "name": self.name, "version": self.version,
-                "arch": self.arch, "preprocess": self.preprocess, "flip_tta": self.flip_tta,
-                "device": str(self.device), "source": self.source}
+        return {"embedder_id": self.embedder_id, "name": self.name, "registry_name": self.registry_name,
+                "version": self.version, "arch": self.arch, "preprocess": self.preprocess,
+                "flip_tta": self.flip_tta, "device": str(self.device), "source": self.source,
+                "provenance": self.provenance, "calibrated": self.calibration is not None}
 
     def check_crops(self, crops: np.ndarray) -> np.ndarray:
         """Validate an aligned-crop batch: uint8 ``(N, S, S, 3)`` with ``S == crop_size``."""
@@ -230,7 +313,7 @@ class NetworkEmbedder(Embedder):
     def _forward(self, batch: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        x = (batch.permute(0, 3, 1, 2).float() / 255.0 - self._mean) / self._std
+        x = batch.permute(0, 3, 1, 2).float() * self._scale - self._shift
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -259,9 +342,16 @@ class NetworkEmbedder(Embedder):
         """Load a validated checkpoint file into an embedder."""
         ckpt = load_checkpoint(path)
         p = Path(path)
+        return cls.from_checkpoint_dict(ckpt, p, device=device, **kwargs)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: Mapping[str, Any], p: Path | str, device: str = "auto",
+                             **kwargs: Any) -> "NetworkEmbedder":
+        """An embedder from an already validated checkpoint dict (``p`` names it in errors)."""
+        p = Path(p)
         try:
             net = build_network(ckpt["arch"], pretrained=False)
-        except ValueError as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(p, f"bad architecture record ({exc})") from exc
         sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         missing, unexpected = _load_state(net, sd)
@@ -269,9 +359,12 @@ class NetworkEmbedder(Embedder):
             raise CheckpointError(p, f"weights do not match the architecture "
                                      f"(missing {len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: "
                                      f"{unexpected[:3]})")
+        extra = {k: v for k, v in ckpt.items() if k not in KNOWN_KEYS}
         return cls(net, name=ckpt["name"], arch=ckpt["arch"], preprocess=ckpt["preprocess"],
                    training=ckpt.get("training", {}), version=str(ckpt.get("version", "0")),
-                   device=device, source=str(p), **kwargs)
+                   device=device, source=str(p), registry_name=ckpt.get("registry_name"),
+                   provenance=ckpt.get("provenance"), calibration=ckpt.get("calibration"),
+                   extra=extra, **kwargs)
 
 
 def _load_state(net: "nn.Module", sd: Mapping[str, "torch.Tensor"]) -> tuple[list[str], list[str]]:
