@@ -15,6 +15,15 @@ InsightFace's Umeyama estimate, which the tests check against a closed form.
 Robust fitting (LMEDS) was tried and drops correct-but-noisy points, moving the
 crop by a pixel or more for no gain on detector landmarks.
 
+A second geometry, ``dlib-chip-5pt`` (:data:`DLIB_CHIP_150`), reproduces dlib's 150×150
+face chip (``get_face_chip_details(shape, 150, 0.25)``) from MTCNN's five landmarks,
+without dlib: the template is where MTCNN's landmarks land, on average, in dlib's own
+chips of the LFW DevTrain training people (``scripts/fit_chip_template.py``; fit and
+accuracy cost in docs/embedding.md). :func:`align_to` warps to either geometry by name;
+for the dlib chip it first halves the image (``cv2.pyrDown``) while the warp would shrink
+by more than 2×, as dlib's chip extraction does with its image pyramid, so large faces
+are not aliased.
+
 For detectors that give no landmarks (Haar), :func:`box_crop` is the documented
 fallback: a square crop around the box centre, scaled so that the box fills the
 same fraction of the crop as an aligned face does. It is *not* rotation
@@ -45,12 +54,44 @@ ARCFACE_112: np.ndarray = np.array(
 #: (measured on MTCNN boxes of LFW faces aligned with :func:`align_face`).
 BOX_FRACTION: float = 0.78
 
+#: MTCNN's five landmarks (facepipe order) in dlib's 150×150 face chip (padding 0.25):
+#: the mean over LFW DevTrain training people of MTCNN's points mapped through dlib's
+#: own chip transform (``scripts/fit_chip_template.py``, docs/chip_template.json).
+#: The mean is then refined (10 fixed-point steps) so that, on average, the least-squares
+#: similarity to it reproduces dlib's chip transform (the plain mean gives chips ~3 %
+#: too small: regression dilution from noisy points).
+DLIB_CHIP_150: np.ndarray = np.array(
+    [
+        [47.0650, 45.4057],   # left eye
+        [103.0995, 45.2925],  # right eye
+        [74.7971, 78.7630],   # nose tip
+        [50.3748, 107.1135],  # left mouth corner
+        [99.5957, 107.0722],  # right mouth corner
+    ],
+    dtype=np.float64,
+)
 
-def reference_points(size: int) -> np.ndarray:
-    """The ArcFace template scaled to a ``size``×``size`` crop, float64 ``(5, 2)``."""
+#: Side of an MTCNN box relative to the dlib chip's side (median, same fit): the chip is
+#: tighter than the box (it cuts through forehead and chin).
+DLIB_CHIP_BOX_FRACTION: float = 1.088
+
+ARCFACE = "arcface-5pt-similarity"
+DLIB_CHIP = "dlib-chip-5pt"
+#: Alignment geometries by name: (template for its native crop, native crop side, box fraction).
+GEOMETRIES: dict[str, tuple[np.ndarray, int, float]] = {
+    ARCFACE: (ARCFACE_112, 112, BOX_FRACTION),
+    DLIB_CHIP: (DLIB_CHIP_150, 150, DLIB_CHIP_BOX_FRACTION),
+}
+
+
+def reference_points(size: int, geometry: str = ARCFACE) -> np.ndarray:
+    """A geometry's template (ArcFace by default) scaled to a ``size``×``size`` crop, float64 ``(5, 2)``."""
     if int(size) < 16:
         raise ShapeError(f"crop size must be at least 16 pixels, got {size}")
-    return ARCFACE_112 * (float(size) / 112.0)
+    if geometry not in GEOMETRIES:
+        raise ShapeError(f"unknown alignment {geometry!r}; valid: {', '.join(GEOMETRIES)}")
+    template, native, _ = GEOMETRIES[geometry]
+    return template * (float(size) / native)
 
 
 def _check_landmarks(landmarks: np.ndarray | tuple | list) -> np.ndarray:
@@ -62,12 +103,12 @@ def _check_landmarks(landmarks: np.ndarray | tuple | list) -> np.ndarray:
     return lm
 
 
-def similarity_matrix(landmarks: np.ndarray | tuple | list, size: int) -> np.ndarray:
+def similarity_matrix(landmarks: np.ndarray | tuple | list, size: int, geometry: str = ARCFACE) -> np.ndarray:
     """The 2×3 similarity transform taking ``landmarks`` to the reference points of a ``size`` crop."""
     import cv2
 
     src = _check_landmarks(landmarks)
-    dst = reference_points(size)
+    dst = reference_points(size, geometry)
     if np.ptp(src[:, 0]) < 1e-6 and np.ptp(src[:, 1]) < 1e-6:
         raise ShapeError("landmarks: all five points coincide; cannot align")
     m, _ = cv2.estimateAffinePartial2D(src.astype(np.float32), dst.astype(np.float32),
@@ -95,11 +136,47 @@ def align_face(image: np.ndarray, landmarks: np.ndarray | tuple | list, size: in
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def box_crop(image: np.ndarray, box: Box, size: int = 112) -> np.ndarray:
+def warp_antialiased(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.warpAffine`` to a ``size`` square (bilinear, border replicated), halving the image
+    with ``cv2.pyrDown`` first while the warp shrinks by more than 2× (dlib's pyramid rule)."""
+    import cv2
+
+    m = np.asarray(m, dtype=np.float64).copy()
+    img = image
+    # scale of the similarity (chip pixels per image pixel)
+    while np.sqrt(abs(np.linalg.det(m[:, :2]))) < 0.5 and min(img.shape[:2]) >= 4:
+        img = cv2.pyrDown(img)
+        # cv2.pyrDown centres output pixel i on input pixel 2i, so image point x is x/2 there
+        m[:, :2] *= 2.0
+    return cv2.warpAffine(img, m, (int(size), int(size)), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def align_to(image: np.ndarray, landmarks: np.ndarray | tuple | list, geometry: str = ARCFACE,
+             size: int | None = None) -> np.ndarray:
+    """Warp ``image`` so the five ``landmarks`` land on ``geometry``'s template; RGB uint8 crop.
+
+    ``arcface-5pt-similarity`` is exactly :func:`align_face`; ``dlib-chip-5pt`` gives
+    dlib's 150×150 chip geometry (any ``size``: the template is scaled) with pyramid
+    anti-aliasing for large faces (:func:`warp_antialiased`).
+    """
+    from facepipe.detect.base import check_image
+
+    if geometry not in GEOMETRIES:
+        raise ShapeError(f"unknown alignment {geometry!r}; valid: {', '.join(GEOMETRIES)}")
+    size = GEOMETRIES[geometry][1] if size is None else int(size)
+    if geometry == ARCFACE:
+        return align_face(image, landmarks, size)
+    check_image(image)
+    return warp_antialiased(image, similarity_matrix(landmarks, size, geometry), size)
+
+
+def box_crop(image: np.ndarray, box: Box, size: int = 112, geometry: str = ARCFACE) -> np.ndarray:
     """Fallback crop without landmarks: square around the box centre, no rotation correction.
 
-    The square's side is ``max(w, h) / BOX_FRACTION`` so a face box occupies
-    about the same part of the crop as in a landmark-aligned crop.
+    The square's side is ``max(w, h) / fraction`` (the geometry's typical box fraction,
+    :data:`BOX_FRACTION` for ArcFace) so a face box occupies about the same part of the
+    crop as in a landmark-aligned crop.
     """
     import cv2
 
@@ -108,8 +185,10 @@ def box_crop(image: np.ndarray, box: Box, size: int = 112) -> np.ndarray:
     check_image(image)
     if box.w <= 0 or box.h <= 0:
         raise ShapeError(f"box: degenerate size {box.w}x{box.h}")
+    if geometry not in GEOMETRIES:
+        raise ShapeError(f"unknown alignment {geometry!r}; valid: {', '.join(GEOMETRIES)}")
     cx, cy = box.center
-    side = max(box.w, box.h) / BOX_FRACTION
+    side = max(box.w, box.h) / GEOMETRIES[geometry][2]
     scale = float(size) / side
     # Map (cx, cy) to the crop centre with uniform scale.
     m = np.array([[scale, 0.0, size / 2.0 - scale * cx],

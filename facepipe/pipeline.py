@@ -135,7 +135,9 @@ class FacePipeline:
         self._refiner: "Detector | None" = None
         from facepipe.embed.base import Embedder
 
-        # Embedders with their own alignment (dlib's) override Embedder.align and get only the box.
+        # Embedders with their own landmark step (the dlib peer runs dlib's shape predictor)
+        # override Embedder.align and get only the box; every other embedder aligns the
+        # detector's landmarks to its own template (Embedder.align_landmarks).
         self._own_align = getattr(type(embedder), "align", Embedder.align) is not Embedder.align
 
     # -- landmarks for detectors that give none -------------------------------------------
@@ -184,8 +186,6 @@ class FacePipeline:
         Callers that batch across images (video) collect ``p.crop`` of many images and
         call ``embedder.embed`` once; :meth:`process_batch` does exactly that.
         """
-        from facepipe.align import align_face, box_crop
-
         check_image(image)
         dets = list(detections)
         skipped: list[SkippedFace] = []
@@ -209,7 +209,7 @@ class FacePipeline:
             alignment = "landmarks"
             if d.landmarks is None:
                 if self.landmarks == "box":
-                    prepared.append(PreparedFace(d, box_crop(image, d.box, self.embedder.crop_size), "box"))
+                    prepared.append(PreparedFace(d, self.embedder.box_crop(image, d.box), "box"))
                     continue
                 lm = self.find_landmarks(image, d.box)
                 if lm is None:
@@ -218,7 +218,7 @@ class FacePipeline:
                     continue
                 d = Detection(d.box, d.score, d.detector, lm)
                 alignment = "mtcnn-landmarks"
-            prepared.append(PreparedFace(d, align_face(image, d.landmarks_array(), self.embedder.crop_size),
+            prepared.append(PreparedFace(d, self.embedder.align_landmarks(image, d.landmarks_array()),
                                          alignment))
         return prepared, skipped
 

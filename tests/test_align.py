@@ -102,3 +102,59 @@ def test_box_crop_centres_the_box() -> None:
     assert abs(xs.mean() - 55.5) < 1.5 and abs(ys.mean() - 55.5) < 1.5
     with pytest.raises(ShapeError):
         box_crop(img, Box(0, 0, 0, 10), 112)
+
+
+# -- dlib's chip geometry (dlib-chip-5pt) ------------------------------------------------------
+def test_dlib_chip_geometry_places_landmarks_on_its_template() -> None:
+    from facepipe.align import DLIB_CHIP, DLIB_CHIP_150, align_to
+
+    assert reference_points(150, DLIB_CHIP) == pytest.approx(DLIB_CHIP_150)
+    assert reference_points(112, DLIB_CHIP) == pytest.approx(DLIB_CHIP_150 * 112 / 150)
+    lm = _similar(DLIB_CHIP_150, 0.2, 1.5, 40.0, 20.0)
+    img = np.zeros((400, 400, 3), np.uint8)
+    for x, y in lm:
+        img[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+    crop = align_to(img, lm, DLIB_CHIP)
+    assert crop.shape == (150, 150, 3)
+    for x, y in DLIB_CHIP_150:
+        assert crop[int(round(y)), int(round(x))].min() > 60
+    # ArcFace by name is exactly align_face
+    assert np.array_equal(align_to(img, lm, "arcface-5pt-similarity", 112), align_face(img, lm, 112))
+    with pytest.raises(ShapeError, match="unknown alignment"):
+        align_to(img, lm, "nope")
+
+
+def test_dlib_chip_template_is_a_plausible_face_layout() -> None:
+    from facepipe.align import DLIB_CHIP_150
+
+    le, re, nose, lm, rm = DLIB_CHIP_150
+    assert le[0] < nose[0] < re[0] and lm[0] < nose[0] < rm[0]          # left/right order
+    assert abs(le[1] - re[1]) < 1 and abs(lm[1] - rm[1]) < 1           # level eyes and mouth
+    assert le[1] < nose[1] < lm[1]                                       # eyes, nose, mouth top to bottom
+    assert abs((le[0] + re[0]) / 2 - 75) < 2                             # centred
+
+
+def test_large_faces_are_antialiased_like_dlibs_pyramid() -> None:
+    """A fine stripe pattern shrunk 6x must come out as its mean grey, not as aliasing moire."""
+    from facepipe.align import warp_antialiased
+
+    stripes = np.zeros((900, 900, 3), np.uint8)
+    stripes[:, ::2] = 255
+    m = np.array([[1 / 6, 0, 0], [0, 1 / 6, 0]], np.float64)
+    out = warp_antialiased(stripes, m, 150).astype(np.float64)
+    assert abs(out[10:-10, 10:-10].mean() - 127.5) < 3 and out[10:-10, 10:-10].std() < 3
+    import cv2
+
+    naive = cv2.warpAffine(stripes, m, (150, 150), flags=cv2.INTER_LINEAR).astype(np.float64)
+    assert abs(naive[10:-10, 10:-10].mean() - 127.5) > 60  # plain bilinear sampling aliases (all white here)
+
+
+def test_box_crop_uses_the_geometry_box_fraction() -> None:
+    from facepipe.align import DLIB_CHIP, DLIB_CHIP_BOX_FRACTION
+
+    img = np.zeros((300, 300, 3), np.uint8)
+    img[100:200, 100:200] = 200
+    crop = box_crop(img, Box(100, 100, 100, 100), 150, DLIB_CHIP)
+    ys, xs = np.nonzero(crop[:, :, 0] > 100)
+    assert (xs.max() - xs.min() + 1) / 150 == pytest.approx(DLIB_CHIP_BOX_FRACTION if DLIB_CHIP_BOX_FRACTION < 1
+                                                            else 1.0, abs=0.03)

@@ -84,12 +84,44 @@ def people_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -
     ``val_fraction``, so the split does not change when other people are added.
     """
     people = sorted(set(labels.tolist()) - {""})
-    val = set()
-    for p in people:
-        h = int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        if h < val_fraction:
-            val.add(p)
+    val = {p for p in people if _name_hash(p, seed) < val_fraction}
     return set(people) - val, val
+
+
+#: The verification benchmark's split: people whose seeded name hash falls below this
+#: fraction are held out from every training run (``scripts/bench_verification.py``).
+BENCHMARK_VAL_FRACTION = 0.2
+BENCHMARK_SEED = 0
+
+
+def _name_hash(name: str, seed: int) -> float:
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def is_heldout(name: str, val_fraction: float = BENCHMARK_VAL_FRACTION, seed: int = BENCHMARK_SEED) -> bool:
+    """Whether a person is one of the benchmark's held-out (never trained on) people.
+
+    The same per-name rule as :func:`people_split`, so it holds for any data set: a
+    person of LFW with one photo, or a name in another identity set, is classified the
+    same way whichever other people are present.
+    """
+    return bool(name) and _name_hash(name, seed) < val_fraction
+
+
+def benchmark_heldout_people(root: str | Path | None = None) -> tuple[set[str], set[str]]:
+    """The benchmark's people-disjoint split of an identity folder: (development, held-out) names.
+
+    ``root`` defaults to LFW DevTrain in the development data (``$FACEPIPE_DATA``).
+    Every person is classified (also those with one photo): calibrating open-set
+    thresholds on the held-out people uses only people no facepipe embedder was
+    trained on.
+    """
+    from facepipe.datasets import data_root, list_identities
+
+    r = Path(root) if root is not None else data_root() / "identities" / "lfw_devtrain"
+    names = list(list_identities(r))
+    held = {n for n in names if is_heldout(n)}
+    return set(names) - held, held
 
 
 @dataclass
