@@ -14,6 +14,16 @@ Steps (see docs/embedding.md for the exact commands behind the shipped weights):
         --loss multisimilarity --steps 600 --out runs/embedder/ms.pt
 
 ``facepipe train embedder`` runs step 3 with the same options.
+
+On dlib's face-pretrained trunk (the port, :mod:`facepipe.train.embedder_dlib`), from
+150-px ``dlib-chip-5pt`` caches (``align_dataset.py --alignment dlib-chip-5pt``)::
+
+    # transfer: frozen trunk + new head (features cached under out/features/)
+    python scripts/train_embedder.py dlib --regime transfer --loss supcon --head linear-bn \
+        --data out/aligned/lfw_multi_tmpl150.npz --steps 2000 --lr 1e-3 --out runs/embedder/tr_supcon.pt
+    # fine-tune: all layers, small learning rate, early stop on development people
+    python scripts/train_embedder.py dlib --regime finetune --loss multisimilarity \
+        --data out/aligned/lfw_multi_tmpl150.npz --steps 1500 --lr 2e-5 --out runs/embedder/ft_ms.pt
 """
 
 from __future__ import annotations
@@ -99,8 +109,44 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def dlib(args: argparse.Namespace) -> int:
+    """Transfer or fine-tune on dlib's trunk; writes the checkpoint and OUT.json."""
+    from facepipe.train.embedder_dlib import DlibTrainConfig, train_dlib_embedder
+
+    cfg = DlibTrainConfig(
+        data=[str(p) for p in args.data], regime=args.regime, loss=args.loss, head=args.head, dim=args.dim,
+        steps=args.steps, batch_size=args.batch_size, m_per_class=args.m_per_class, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, val_fraction=args.val_fraction,
+        val_seed=args.val_seed, eval_every=args.eval_every, patience=args.patience, aug_views=args.aug_views,
+        freeze_stem=args.freeze_stem, cut=args.cut, l2sp=args.l2sp, seed=args.seed, device=args.device, threads=args.threads,
+        flip_tta=not args.no_flip, name=args.name, registry_name=args.registry_name)
+    report = train_dlib_embedder(cfg, args.out)
+    Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report["best"], indent=2))
+    return 0
+
+
+def distill(args: argparse.Namespace) -> int:
+    """Distil a fast student from a dlib-family teacher; writes the checkpoint and OUT.json."""
+    from facepipe.train.embedder_distill import DistillConfig, train_student
+
+    cfg = DistillConfig(
+        labelled=[str(p) for p in args.data], unlabelled=[str(p) for p in args.unlabelled], teacher=args.teacher,
+        layout=args.layout, input_size=args.input_size, init_from_teacher=not args.no_init, steps=args.steps,
+        batch_labelled=args.batch_labelled, m_per_class=args.m_per_class, batch_unlabelled=args.batch_unlabelled,
+        lr=args.lr, w_reg=args.w_reg, w_kl=args.w_kl, tau=args.tau, w_metric=args.w_metric,
+        val_fraction=args.val_fraction, eval_every=args.eval_every, patience=args.patience, seed=args.seed,
+        device=args.device, threads=args.threads, name=args.name, registry_name=args.registry_name)
+    report = train_student(cfg, args.out)
+    Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report["best"], indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from facepipe.train.embedder import LOSSES
+    from facepipe.train.embedder_distill import STUDENTS
+    from facepipe.train.embedder_dlib import HEADS, LOSSES as DLIB_LOSSES, REGIMES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,6 +183,63 @@ def main(argv: list[str] | None = None) -> int:
                    help="freeze MobileNetV2 features[:k] and train the rest from cached trunk features "
                         "(CPU-friendly; flip is then the only augmentation) [0 = full fine-tuning]")
     r.set_defaults(fn=train)
+    d = sub.add_parser("dlib", help="transfer / fine-tune on dlib's face-pretrained trunk")
+    d.add_argument("--data", type=Path, nargs="+", required=True, help="150-px dlib-chip-5pt caches")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--regime", choices=REGIMES, default="finetune")
+    d.add_argument("--loss", choices=DLIB_LOSSES, default="multisimilarity")
+    d.add_argument("--head", choices=HEADS, default="linear-bn", help="transfer head")
+    d.add_argument("--dim", type=int, default=128)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--m-per-class", type=int, default=4)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--weight-decay", type=float, default=1e-4)
+    d.add_argument("--warmup-steps", type=int, default=50)
+    d.add_argument("--val-fraction", type=float, default=0.15, help="early-stop people (of the development people)")
+    d.add_argument("--val-seed", type=int, default=1)
+    d.add_argument("--eval-every", type=int, default=100)
+    d.add_argument("--patience", type=int, default=5)
+    d.add_argument("--aug-views", type=int, default=2, help="transfer: cached augmented views per photo")
+    d.add_argument("--freeze-stem", action="store_true")
+    d.add_argument("--cut", type=int, default=10,
+                   help="cached activations after blocks[:cut] (transfer and partial fine-tune; the "
+                        "fine-tune trains blocks[cut:] + fc); 0 = fine-tune every layer on the fly "
+                        "with fresh augmentations [10: after the 128-channel level]")
+    d.add_argument("--l2sp", type=float, default=0.0, help="fine-tune: L2-SP pull towards the port's weights")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--no-flip", action="store_true", help="select without flip TTA")
+    d.add_argument("--name", default="facepipe-dlib-ft")
+    d.add_argument("--registry-name", default=None)
+    d.set_defaults(fn=dlib)
+    s_ = sub.add_parser("distill", help="distil a fast student from a dlib-family teacher")
+    s_.add_argument("--data", type=Path, nargs="+", required=True, help="labelled 150-px dlib-chip-5pt caches")
+    s_.add_argument("--unlabelled", type=Path, nargs="*", default=[], help="more 150-px caches (labels unused)")
+    s_.add_argument("--teacher", default="dlib-port", help="registered name or checkpoint of the teacher")
+    s_.add_argument("--out", type=Path, required=True)
+    s_.add_argument("--layout", choices=sorted(STUDENTS), default="slim-5")
+    s_.add_argument("--input-size", type=int, default=112)
+    s_.add_argument("--no-init", action="store_true", help="random init instead of the teacher's layers")
+    s_.add_argument("--steps", type=int, default=3000)
+    s_.add_argument("--batch-labelled", type=int, default=48)
+    s_.add_argument("--m-per-class", type=int, default=4)
+    s_.add_argument("--batch-unlabelled", type=int, default=48)
+    s_.add_argument("--lr", type=float, default=5e-4)
+    s_.add_argument("--w-reg", type=float, default=1.0)
+    s_.add_argument("--w-kl", type=float, default=1.0)
+    s_.add_argument("--tau", type=float, default=0.1)
+    s_.add_argument("--w-metric", type=float, default=0.2)
+    s_.add_argument("--val-fraction", type=float, default=0.15, help="early-stop people (of the development people)")
+    s_.add_argument("--eval-every", type=int, default=250)
+    s_.add_argument("--patience", type=int, default=6)
+    s_.add_argument("--seed", type=int, default=0)
+    s_.add_argument("--device", default="auto")
+    s_.add_argument("--threads", type=int, default=1)
+    s_.add_argument("--name", default="facepipe-dlib-student")
+    s_.add_argument("--registry-name", default=None)
+    s_.set_defaults(fn=distill)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return args.fn(args)
