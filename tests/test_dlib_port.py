@@ -291,7 +291,7 @@ def test_port_reproduces_dlibs_committed_descriptors(port_ck: dict, port_emb) ->
     out = emb.embed(chips)
     ref = desc / np.linalg.norm(desc, axis=1, keepdims=True)
     assert np.abs(out - ref).max() < 1e-5
-    assert emb.registry_name == "dlib-port" and emb.alignment == "dlib-chip-5pt" and emb.crop_size == 150
+    assert emb.registry_name == "dlib-port" and emb.embedder_id.startswith("dlib-port@") and emb.alignment == "dlib-chip-5pt" and emb.crop_size == 150
     assert "public domain" in emb.provenance["weights"]
 
 

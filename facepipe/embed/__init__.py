@@ -35,6 +35,9 @@ SHIPPED: dict[str, Path] = {
 }
 #: The registered name ``default`` stands for (its file is :data:`DEFAULT_CHECKPOINT`).
 DEFAULT_NAME = "mobilenet-v2"
+#: Checkpoint names (the part of an embedder id before ``@``) that differ from the
+#: registered name: galleries record ids, so an id's name must lead back to a factory.
+ALIASES: dict[str, str] = {"facepipe-mnv2-128": "mobilenet-v2"}
 
 _FACTORIES: dict[str, Callable[..., Embedder]] = {}
 
@@ -69,6 +72,8 @@ def _register_shipped(name: str) -> None:
 
 for _name in SHIPPED:
     _register_shipped(_name)
+for _alias, _name in ALIASES.items():
+    register_embedder(_alias)(_FACTORIES[_name])
 
 
 @register_embedder("dlib-port")

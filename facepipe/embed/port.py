@@ -16,8 +16,9 @@ from typing import Any
 
 from facepipe.embed.network import NetworkEmbedder, dlib_preprocess, make_checkpoint
 
-PORT_NAME = "dlib-resnet-v1-port"
 PORT_REGISTRY_NAME = "dlib-port"
+#: The checkpoint name is the registered name, so an embedder id ``dlib-port@<hash>`` names its factory.
+PORT_NAME = PORT_REGISTRY_NAME
 
 
 def dlib_model_file() -> Path:

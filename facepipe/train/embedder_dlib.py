@@ -129,7 +129,8 @@ def load_dev_data(paths: list[str], val_fraction: float, val_seed: int, seed: in
     train_people, val_people = people_split(data.labels, val_fraction, val_seed)
     train = data.subset(np.flatnonzero(np.isin(data.labels, sorted(train_people))))
     val = data.subset(np.flatnonzero(np.isin(data.labels, sorted(val_people))))
-    pairs = make_pairs(val.labels, val_people, seed=seed)
+    # 10 LFW-style folds; fewer when there are too few early-stop people to fill them
+    pairs = make_pairs(val.labels, val_people, folds=max(2, min(10, len(val_people) // 3)), seed=seed)
     summary = {"caches": [str(p) for p in paths], "cache_digest": cache_digest(paths),
                "benchmark_heldout_rows_dropped": dropped, "train": train.summary(), "early_stop_val": val.summary(),
                "early_stop_pairs": len(pairs),
@@ -182,7 +183,7 @@ class MetricTrainer:
     """
 
     def __init__(self, net: "torch.nn.Module", loss: str, lr: float, device: "torch.device | str",
-                 pixel_mean: "list[float] | tuple[float, ...]", weight_decay: float = 1e-4,
+                 preprocess: dict[str, Any], weight_decay: float = 1e-4,
                  params: "list[torch.nn.Parameter] | None" = None,
                  augment: Callable[["torch.Tensor"], "torch.Tensor"] | None = None,
                  schedule: Callable[[int], float] | None = None, l2sp: float = 0.0) -> None:
@@ -194,7 +195,11 @@ class MetricTrainer:
         trainable = params if params is not None else [p for p in net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule) if schedule else None
-        self.mean = torch.tensor(list(pixel_mean), dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        from facepipe.embed.network import input_affine
+
+        a, b = input_affine(preprocess)  # the network's own input normalisation (dlib's or ImageNet's)
+        self.scale = torch.from_numpy(a).to(self.device).view(1, 3, 1, 1) * 255.0
+        self.shift = torch.from_numpy(b).to(self.device).view(1, 3, 1, 1)
         self.augment = augment
         self.l2sp = float(l2sp)
         self.anchor = ({n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
@@ -210,7 +215,7 @@ class MetricTrainer:
         y = torch.as_tensor(labels, device=self.device)
         if self.augment is not None:
             x = self.augment(x)
-        x = dlib_input(x, self.mean)
+        x = x * self.scale - self.shift
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         self.net.train()
@@ -233,9 +238,10 @@ def make_train_step(model: str = "dlib-port", loss: str = "multisimilarity", lr:
                     device: str = "auto", augment: bool = True) -> Callable[[Any, Any], float]:
     """A ready training step for timing: ``step(crops_uint8 (N, S, S, 3), labels (N,)) -> loss``.
 
-    ``model`` is any dlib-family embedder name or checkpoint (``dlib-port``, a fine-tuned
-    checkpoint, a student; ``S`` is its crop size). Runs on CUDA with bf16 autocast when
-    ``device`` resolves to a GPU.
+    ``model`` is any network embedder name or checkpoint (``dlib-port``, ``default``,
+    ``mobilenet-v2``, a fine-tuned checkpoint, a student; ``S`` is its crop size). Every
+    layer is trained (full fine-tuning, augmentation on the device). Runs on CUDA with
+    bf16 autocast when ``device`` resolves to a GPU.
     """
     import torch
 
@@ -252,9 +258,7 @@ def make_train_step(model: str = "dlib-port", loss: str = "multisimilarity", lr:
         net = net.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(0)
     aug = (lambda x: augment_fn(x, x.shape[-1], gen)) if augment else None
-    pre = ck["preprocess"]
-    pixel_mean = pre.get("pixel_mean") or [m * 255 for m in pre["mean"]]
-    return MetricTrainer(net, loss, lr, dev, pixel_mean, augment=aug).step
+    return MetricTrainer(net, loss, lr, dev, ck["preprocess"], augment=aug).step
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -474,7 +478,7 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
     else:
         if device.type == "cpu":
             net = net.to(memory_format=torch.channels_last)
-        trainer = MetricTrainer(net, cfg.loss, cfg.lr, device, pre["pixel_mean"], cfg.weight_decay,
+        trainer = MetricTrainer(net, cfg.loss, cfg.lr, device, pre, cfg.weight_decay,
                                 params=trainable, augment=lambda x: augment(x, x.shape[-1], gen),
                                 schedule=_schedule(cfg), l2sp=cfg.l2sp)
 
