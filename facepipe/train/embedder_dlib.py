@@ -20,7 +20,9 @@ Losses: :func:`make_loss_for` (pytorch-metric-learning), with margins set for dl
 embedding geometry (its own decision threshold, L2 distance 0.6 between ~unit vectors,
 is cosine ≈ 0.82): ``triplet`` (semi-hard mining, margin 0.1), ``contrastive``
 (positive margin 0, negative margin 0.8 in L2 distance), ``multisimilarity``
-(base 0.75) and ``supcon`` (InfoNCE form, temperature 0.1).
+(base 0.75), ``supcon`` (InfoNCE form, temperature 0.1) and ``dlib-metric`` (dlib's own
+``loss_metric`` as a contrastive loss on the raw vectors: same person within L2 0.56,
+others beyond 0.64).
 
 :class:`MetricTrainer` is one optimisation step on a batch, usable on its own (the GPU
 benchmark times ``MetricTrainer.step``).
@@ -48,7 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("triplet", "contrastive", "multisimilarity", "supcon")
+LOSSES = ("triplet", "contrastive", "multisimilarity", "supcon", "dlib-metric")
+#: Losses computed on the raw (unnormalised) embedding, as dlib trains and compares.
+RAW_LOSSES = ("dlib-metric",)
 REGIMES = ("transfer", "finetune")
 HEADS = ("linear", "linear-bn", "mlp", "dlib-fc")
 VERSION = "2.0"
@@ -70,6 +74,12 @@ def make_loss_for(name: str) -> tuple[Any, Any]:
                 miners.MultiSimilarityMiner(epsilon=0.1))
     if name == "supcon":
         return losses.SupConLoss(temperature=0.1), None
+    if name == "dlib-metric":
+        # dlib's own loss_metric: raw L2 distances, same person below 0.6 - 0.04, others above
+        # 0.6 + 0.04; only violating pairs contribute (gentle on an already trained network)
+        d = distances.LpDistance(normalize_embeddings=False)
+        return (losses.ContrastiveLoss(pos_margin=0.56, neg_margin=0.64, distance=d),
+                miners.PairMarginMiner(pos_margin=0.56, neg_margin=0.64, distance=d))
     raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
 
 
@@ -192,6 +202,7 @@ class MetricTrainer:
         self.device = torch.device(device)
         self.net = net.to(self.device)
         self.loss_fn, self.miner = make_loss_for(loss)
+        self.raw = loss in RAW_LOSSES
         trainable = params if params is not None else [p for p in net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule) if schedule else None
@@ -220,7 +231,9 @@ class MetricTrainer:
             x = x.contiguous(memory_format=torch.channels_last)
         self.net.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            e = F.normalize(self.net.forward_unnormalised(x).float(), dim=1)
+            e = self.net.forward_unnormalised(x).float()
+        if not self.raw:
+            e = F.normalize(e, dim=1)
         mined = self.miner(e, y) if self.miner is not None else None
         loss = self.loss_fn(e, y, mined)
         if self.l2sp > 0:
@@ -466,7 +479,9 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
             f = torch.from_numpy(f[np.argsort(order)]).to(device)
             yy = torch.from_numpy(y[bidx]).to(device)
             net.train()
-            e = F.normalize(fwd_cached(f).float(), dim=1)
+            e = fwd_cached(f).float()
+            if cfg.loss not in RAW_LOSSES:
+                e = F.normalize(e, dim=1)
             loss = loss_fn(e, yy, miner(e, yy) if miner is not None else None)
             if anchor:
                 loss = loss + cfg.l2sp * sum(((p - anchor[id(p)]) ** 2).sum() for p in trainable)
