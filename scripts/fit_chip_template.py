@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--refine", type=int, default=10,
                     help="fixed-point iterations correcting the mean template's scale bias [10]")
+    ap.add_argument("--weights", choices=["uniform", "inverse-variance"], default="inverse-variance",
+                    help="point weights of the least-squares fit [inverse-variance]")
     ap.add_argument("--check-chips", type=int, default=20,
                     help="faces whose chips are re-extracted to check the mapping against dlib's own chip")
     args = ap.parse_args(argv)
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     # template through E_k = dlib_k ∘ ours_k⁻¹ and average.
     import facepipe.align as al
 
+    weights = 1.0 / (spread ** 2).sum(1) if args.weights == "inverse-variance" else np.ones(5)
+    weights = weights / weights.max()
+    al.WEIGHTS[al.DLIB_CHIP] = weights
+
     def ours(k: int, tmpl: np.ndarray) -> np.ndarray:
         al.GEOMETRIES[al.DLIB_CHIP] = (tmpl, 150, 1.0)
         return similarity_matrix(lm[k], 150, al.DLIB_CHIP)
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "faces_fit": int(dev.sum()), "people_fit": int(len(set(lab[dev]))),
         "faces_heldout_checked": int(held.sum()),
         "template_150": np.round(template, 4).tolist(),
+        "weights": np.round(weights, 4).tolist(), "weighting": args.weights,
         "mean_of_mapped_points_150": np.round(mean_template, 4).tolist(),
         "refine_iterations": args.refine,
         "template_std_px": np.round(spread, 3).tolist(),
