@@ -272,12 +272,15 @@ def test_detection_threshold_calibration_respects_the_fp_budget(astronaut: np.nd
     face = np.array([[ASTRONAUT_HEAD.x, ASTRONAUT_HEAD.y, ASTRONAUT_HEAD.w, ASTRONAUT_HEAD.h]])
     val = DataSplit(faces=[SourceImage(astronaut, face)],
                     scenes=[SourceImage(data.coffee()[::2, ::2].copy(), np.zeros((0, 4)))])
-    cal = calibrate_detection_threshold(ckpt_path, val, max_fp_per_image=1.0)
-    assert cal["val_images"] == 2 and 0.3 <= cal["threshold"] <= 0.999
+    budget = 0.5   # one false positive over the two images
+    cal = calibrate_detection_threshold(ckpt_path, val, max_fp_per_image=budget)
+    # 0.999 is the cap the search stops at when no threshold meets the budget: not a success
+    assert cal["val_images"] == 2 and 0.3 <= cal["threshold"] < 0.999, cal
+    assert cal["fp_per_image"] <= budget, cal
     det = CNNDetector(ckpt_path, threshold=cal["threshold"], device="cpu")
     fps = sum(sum(f.box.iou(ASTRONAUT_HEAD) < 0.3 for f in det.detect(img))
               for img in (astronaut, val.scenes[0].image))
-    assert fps <= 2 or cal["threshold"] == 0.999
+    assert fps <= 1, (fps, cal)
 
 
 def test_detect_cli_any_colour_mode_and_size(tmp_path: Path, astronaut: np.ndarray) -> None:

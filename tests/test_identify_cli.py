@@ -177,6 +177,7 @@ def _link_tree(root: Path, people: dict[str, list[Path]]) -> Path:
     return root
 
 
+@pytest.mark.data
 def test_folders_enrol_and_calibrate_on_lfw(shared_data: Path, tmp_path: Path) -> None:
     from facepipe.datasets import list_identities
 

@@ -59,8 +59,7 @@ def test_assign_is_optimal_against_brute_force(seed: int) -> None:
 
 def test_two_faces_keep_their_tracks_across_stride_gaps() -> None:
     # Two faces moving 12 px per frame in opposite directions, seen every 3rd frame
-    # (36 px between analysed frames, so raw IoU between looks is small: the
-    # constant-velocity prediction carries them).
+    # (36 px between analysed frames, so raw IoU between looks is small).
     tr = Tracker(iou_min=0.3, max_gap_s=1.0)
     fps = 30.0
     seen: list[list[int]] = []
@@ -72,6 +71,32 @@ def test_two_faces_keep_their_tracks_across_stride_gaps() -> None:
     assert len(tr.tracks) == 2
     t1 = tr.tracks[0]
     assert t1.first_frame == 0 and t1.last_frame == 42 and t1.hits == 15
+
+
+def test_motion_prediction_carries_tracks_across_missed_detections() -> None:
+    """Faces lost for a few frames reappear far from where they were last seen.
+
+    Two 40-px faces move 12 px per frame in opposite directions; the detector misses
+    them for several frames at a time, so on their return they are 60-84 px (1.5-2.1
+    box sizes) from their last box: no overlap and beyond ``max_jump``, so only the
+    constant-velocity prediction (which puts them back within a pixel) keeps each
+    on its own track. Without prediction every return starts new tracks.
+    """
+    tr = Tracker(iou_min=0.3, max_gap_s=1.0, max_jump=1.0)
+    fps = 30.0
+    frames = [0, 1, 2, 3, 8, 9, 15, 16, 23, 24]   # gaps of 5, 6 and 7 frames
+    ids_a, ids_b = set(), set()
+    for f in frames:
+        a, b = tr.update(f, f / fps, [_obs(10 + 12 * f, 50), _obs(600 - 12 * f, 200)])
+        ids_a.add(a)
+        ids_b.add(b)
+    assert len(ids_a) == 1 and len(ids_b) == 1 and ids_a != ids_b
+    assert len(tr.tracks) == 2 and all(t.hits == len(frames) for t in tr.tracks)
+    # the prediction itself: where the first face is expected 5 frames after its last look
+    (ta,) = [t for t in tr.tracks if t.track_id in ids_a]
+    p = ta.predict(29 / fps)
+    assert p.x == pytest.approx(10 + 12 * 29, abs=1.0) and p.y == pytest.approx(50, abs=1.0)
+    assert (p.w, p.h) == pytest.approx((40.0, 40.0), abs=0.5)
 
 
 def test_crossing_faces_do_not_swap_with_embeddings() -> None:
