@@ -35,3 +35,13 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("development data (FACEPIPE_DATA / ../shared/data) not available")
     return root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads the development data must say so (``@pytest.mark.data``), so that
+    ``-m "not data"`` really leaves the data alone and docs/testing.md's list stays true."""
+    unmarked = [it.nodeid for it in items
+                if "shared_data" in getattr(it, "fixturenames", ()) and it.get_closest_marker("data") is None]
+    if unmarked:
+        raise pytest.UsageError("tests use the shared_data fixture without @pytest.mark.data: "
+                                + ", ".join(unmarked[:5]))

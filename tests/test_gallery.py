@@ -360,14 +360,28 @@ def test_gallery_calibration_scores(tmp_path: Path) -> None:
         g.calibration_scores(gen[:1], ["stranger"], imp)
 
 
-def _faiss_gpu() -> bool:
+def _faiss_gpu_missing() -> str | None:
+    """Why the GPU search test cannot run here, or None when it can.
+
+    It skips only where faiss itself has no GPU support (the faiss-cpu wheel; .ci/run
+    swaps in faiss-gpu-cu12 on a machine with an NVIDIA GPU) or no GPU is present: a
+    faiss with GPU support on a machine where torch sees CUDA must find the GPU too.
+    """
     import faiss
 
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this faiss build has no GPU support (faiss-cpu); on a GPU machine: pip install faiss-gpu-cu12"
+    if faiss.get_num_gpus() == 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return None   # run, and fail: faiss should see the GPU torch sees
+        return "no CUDA GPU"
+    return None
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _faiss_gpu(), reason="needs faiss with GPU support and a GPU")
+@pytest.mark.skipif(_faiss_gpu_missing() is not None, reason=str(_faiss_gpu_missing()))
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_gpu_search_matches_cpu(tmp_path: Path, kind: str) -> None:
     rng = np.random.default_rng(18)

@@ -91,8 +91,8 @@ def test_train_embedder_writes_a_loadable_checkpoint_and_learns(aligned_cache: P
     from facepipe.embed import load_embedder
 
     ck = tmp_path / "runs" / "tiny.pt"
-    r = CliRunner().invoke(cli, ["train", "embedder", "--data", str(aligned_cache), "--steps", "20",
-                                 "--batch-size", "16", "--m-per-class", "2", "--freeze-blocks", "14",
+    r = CliRunner().invoke(cli, ["train", "embedder", "--data", str(aligned_cache), "--steps", "40",
+                                 "--batch-size", "32", "--m-per-class", "2", "--freeze-blocks", "14",
                                  "--threads", "1", "--device", "cpu", "--out", str(ck)])
     assert r.exit_code == 0, r.output
     report = json.loads(Path(str(ck) + ".json").read_text())
@@ -103,9 +103,11 @@ def test_train_embedder_writes_a_loadable_checkpoint_and_learns(aligned_cache: P
     assert v.shape == (4, emb.dim) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert emb.embedder_id != load_embedder("default", device="cpu").embedder_id
     history = torch.load(ck, map_location="cpu", weights_only=True)["training"]["history_tail"]
-    first, last = history[0], history[-1]
-    assert first["step"] == 1 and last["step"] == 20
-    assert last["loss"] < 0.8 * first["loss"], history
+    # logged at steps 1, 10, 20, 30, 40; batches differ, so one step's loss is noisy:
+    # without learning it wanders between 0.53 and 0.62 here, learning takes it to ~0.03
+    assert [h["step"] for h in history] == [1, 10, 20, 30, 40]
+    end = np.mean([h["loss"] for h in history[-2:]])
+    assert end < 0.5 * history[0]["loss"], history
 
 
 # --------------------------------------------------------------------------- classifier

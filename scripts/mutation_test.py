@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Mutation testing of facepipe's central modules with mutmut (slow: not part of CI).
+
+mutmut (https://github.com/boxed/mutmut, the ``[mutation]`` extra) makes small changes
+("mutants") to the code (``>=`` to ``>``, ``+ 1`` to ``+ 2``, a constant to ``None``, a
+call argument dropped, ...) and runs the tests that cover the changed function; a mutant
+the tests do not notice *survives*. Each target below names the module(s), the functions
+to mutate and the fast test subset that should catch their mutants.
+
+The script never touches your working tree: it copies the repository (tracked plus
+untracked, non-ignored files) to a scratch directory per target, adds a ``[tool.mutmut]``
+section to the copy's pyproject.toml, runs ``mutmut run`` there (one worker by default:
+the machine is shared) and writes every mutant's status, and the diff of each survivor,
+to a JSON file (``docs/mutation.json`` by default) that ``docs/testing.md`` summarises.
+
+Examples::
+
+    pip install -e ".[mutation]"
+    nice -n 10 python scripts/mutation_test.py                          # every target (an hour or more)
+    nice -n 10 python scripts/mutation_test.py --target align --target tracker
+    python scripts/mutation_test.py --list
+
+Functions are mutmut's names: ``name`` for a module function, ``Class.method`` for a
+method (mutmut spells it ``xǁClassǁmethod``). When code moves (a module split into a
+package), update :data:`TARGETS`; a target whose file is gone is reported, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    files: tuple[str, ...]
+    #: functions to mutate ("" = every function of the files)
+    functions: tuple[str, ...]
+    tests: tuple[str, ...]
+
+
+TARGETS: dict[str, Target] = {
+    "gallery-decision": Target(
+        "open-set decision, ranking and threshold calibration",
+        ("facepipe/gallery.py",),
+        ("calibrate_threshold", "dir_fpir_curve", "Gallery.identify", "Gallery.rank",
+         "Gallery.calibration_scores", "Gallery.threshold", "Gallery.set_threshold"),
+        ("tests/test_gallery.py", "tests/test_open_set_threshold.py")),
+    "align": Target(
+        "five-landmark similarity alignment and the box-crop fallback",
+        ("facepipe/align.py",), (),
+        ("tests/test_align.py", "tests/test_align_reference.py")),
+    "detector-post": Target(
+        "CNN detector post-processing: pyramid, score-map decoding, NMS, Haar+CNN verification",
+        ("facepipe/detect/cnn.py",),
+        ("pyramid_scales", "decode_map", "crops_around", "CNNDetector._run", "CNNDetector.detect_batch",
+         "CNNDetector._detect_same_size", "HaarCNNDetector.detect"),
+        ("tests/test_cnn_detector.py", "tests/test_detector_contract.py")),
+    "tracker": Target(
+        "tracker (prediction, affinity, assignment, track lifetime) and the identity vote",
+        ("facepipe/track.py",), (),
+        ("tests/test_track.py", "tests/test_track_identity.py")),
+    "checkpoint": Target(
+        "checkpoint loading and validation (embedder and CNN classifier)",
+        ("facepipe/embed/network.py", "facepipe/detect/cnn.py"),
+        ("load_checkpoint", "_require", "_load_state", "state_dict_hash", "NetworkEmbedder.from_checkpoint",
+         "resolve_weights", "save_checkpoint", "make_checkpoint"),
+        ("tests/test_embedder.py", "tests/test_embedder_quality.py", "tests/test_cnn_detector.py")),
+}
+
+STATUS_RE = re.compile(r"^\s+(\S+): (.+)$")
+
+
+def repo_files(root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, check=True, capture_output=True).stdout
+    return [p for p in out.decode().split("\0") if p and (root / p).exists()]
+
+
+def make_copy(root: Path, dst: Path) -> None:
+    for rel in repo_files(root):
+        d = dst / rel
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, d, follow_symlinks=False)
+    # mutmut copies facepipe/ into mutants/: the Haar cascades must be real files inside it
+    if not (dst / "facepipe" / "cascades").exists() and (dst / "cascades").is_dir():
+        shutil.copytree(dst / "cascades", dst / "facepipe" / "cascades")
+
+
+def mutant_globs(t: Target) -> list[str]:
+    """mutmut mutant-name patterns for the target's functions (all of the files' when empty)."""
+    mods = [f[:-3].replace("/", ".") for f in t.files]
+    if not t.functions:
+        return [f"{m}.*" for m in mods]
+    out = []
+    for m in mods:
+        for fn in t.functions:
+            if "." in fn:
+                cls, meth = fn.split(".", 1)
+                out.append(f"{m}.xǁ{cls}ǁ{meth}__mutmut_*")
+            else:
+                out.append(f"{m}.x_{fn}__mutmut_*")
+    return out
+
+
+def toml_list(items: list[str] | tuple[str, ...]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def run_target(name: str, t: Target, workdir: Path, children: int, timeout: float,
+               extra_pytest: list[str]) -> dict:
+    missing = [f for f in t.files + t.tests if not (ROOT / f.split("::")[0]).exists()]
+    if missing:
+        return {"target": name, "what": t.what, "status": "stale", "missing": missing}
+    copy = workdir / name
+    make_copy(ROOT, copy)
+    with open(copy / "pyproject.toml", "a") as f:
+        f.write("\n[tool.mutmut]\n"
+                f'source_paths = ["facepipe"]\n'
+                f"only_mutate = {toml_list(t.files)}\n"
+                f"pytest_add_cli_args_test_selection = {toml_list(t.tests)}\n"
+                f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-q', *extra_pytest])}\n"
+                'process_isolation = "forkserver"\n'
+                'also_copy = ["scripts", "cascades"]\n'
+                "use_git_change_detection = false\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the mutated copy, not a worktree
+    env.setdefault("OMP_NUM_THREADS", "1")
+    from facepipe.datasets import data_root
+
+    data = data_root(required=False)
+    if data is not None:
+        env["FACEPIPE_DATA"] = str(data.resolve())
+    mutmut = [sys.executable, "-m", "mutmut"]
+    globs = mutant_globs(t)
+    t0 = time.time()
+    log = (copy / "mutmut-run.log").open("w")
+    p = subprocess.run(mutmut + ["run", "--max-children", str(children), *globs], cwd=copy, env=env,
+                       stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    seconds = time.time() - t0
+    res = subprocess.run(mutmut + ["results", "--all", "true"], cwd=copy, env=env,
+                         capture_output=True, text=True)
+    from fnmatch import fnmatch
+
+    statuses: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        m = STATUS_RE.match(line)
+        if m and any(fnmatch(m.group(1), g) for g in globs):
+            statuses[m.group(1)] = m.group(2).strip()
+    survivors = {}
+    for mutant, st in statuses.items():
+        if st in ("survived", "no tests"):
+            diff = subprocess.run(mutmut + ["show", mutant], cwd=copy, env=env, capture_output=True, text=True)
+            survivors[mutant] = "\n".join(diff.stdout.splitlines()[1:]).strip()
+    counts: dict[str, int] = {}
+    for st in statuses.values():
+        counts[st] = counts.get(st, 0) + 1
+    return {"target": name, "what": t.what, "files": list(t.files), "functions": list(t.functions),
+            "tests": list(t.tests), "status": "ran" if p.returncode == 0 else f"mutmut exit {p.returncode}",
+            "seconds": round(seconds), "counts": counts, "mutants": len(statuses),
+            "survivors": survivors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", default=[], help=f"one of {', '.join(TARGETS)} (repeatable)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "mutation.json")
+    ap.add_argument("--children", type=int, default=1, help="parallel mutmut workers [1: shared machine]")
+    ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per target")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the scratch copies here (for mutmut browse)")
+    ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (e.g. -m 'not slow')")
+    args = ap.parse_args(argv)
+    if args.list:
+        for k, t in TARGETS.items():
+            print(f"{k:18s} {', '.join(t.files):45s} {t.what}")
+        return 0
+    unknown = set(args.target) - set(TARGETS)
+    if unknown:
+        ap.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        ap.error('mutmut is not installed: pip install -e ".[mutation]"')
+    sys.path.insert(0, str(ROOT))
+    chosen = args.target or list(TARGETS)
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="facepipe-mutation-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for name in chosen:
+            print(f"{name}: running mutmut ...", flush=True)
+            r = run_target(name, TARGETS[name], workdir, args.children, args.timeout, args.pytest_arg)
+            results.append(r)
+            print(f"{name}: {r.get('counts', r.get('status'))}, {len(r.get('survivors', {}))} survivors, "
+                  f"{r.get('seconds', 0)} s", flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    import mutmut as _m
+
+    doc = {"command": "python scripts/mutation_test.py" + "".join(f" --target {t}" for t in args.target),
+           "commit": commit + ("+dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), Python {platform.python_version()}",
+           "mutmut": getattr(_m, "__version__", "?"), "targets": results}
+    if args.target and args.out.is_file():   # merge into an earlier run of the other targets
+        old = json.loads(args.out.read_text())
+        doc["targets"] = [r for r in old.get("targets", []) if r["target"] not in chosen] + results
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
