@@ -100,3 +100,62 @@ def test_landmarks_land_on_the_scaled_template(size: int) -> None:
     crop = align_face(img, lm, size)
     for x, y in ARCFACE_112 * size / 112.0:
         assert crop[int(round(y)), int(round(x))].min() > 100, (size, x, y)
+
+
+# -- killed mutants (scripts/mutation_test.py --target align): defaults, the box fallback, messages
+
+
+def test_default_crop_is_112_pixels(corner_face) -> None:  # type: ignore[no-untyped-def]
+    from facepipe.align import box_crop
+    from facepipe.types import Box
+
+    image, lm = corner_face
+    assert align_face(image, lm).shape == (112, 112, 3)
+    np.testing.assert_array_equal(align_face(image, lm), align_face(image, lm, 112))
+    assert box_crop(image, Box(10, 10, 60, 60)).shape == (112, 112, 3)
+
+
+@pytest.mark.parametrize("size", [96, 112, 160])
+def test_box_crop_scales_the_box_to_the_aligned_face_fraction(size: int) -> None:
+    """Without landmarks, the box fills BOX_FRACTION of the crop (as a face does in an aligned crop)."""
+    from facepipe.align import BOX_FRACTION, box_crop
+    from facepipe.types import Box
+
+    img = np.full((300, 400, 3), 40, np.uint8)
+    img[100:160, 250:310] = 220                       # a 60x60 "face" box centred at (280, 130)
+    crop = box_crop(img, Box(250, 100, 60, 60), size)
+    ys, xs = np.nonzero(crop[:, :, 0] > 130)
+    side = BOX_FRACTION * size
+    assert abs((xs.max() - xs.min() + 1) - side) <= 2 and abs((ys.max() - ys.min() + 1) - side) <= 2
+    assert abs(xs.mean() - (size - 1) / 2) < 1.0 and abs(ys.mean() - (size - 1) / 2) < 1.0
+
+
+def test_box_crop_reaching_outside_the_photo_repeats_its_edge() -> None:
+    from facepipe.align import box_crop
+    from facepipe.types import Box
+
+    img = np.full((120, 120, 3), 200, np.uint8)
+    crop = box_crop(img, Box(0, 0, 50, 50), 112)      # the square crop extends past the top-left corner
+    assert crop.min() == 200
+
+
+def test_errors_name_the_problem() -> None:
+    from facepipe.align import box_crop, reference_points, similarity_matrix
+    from facepipe.errors import ShapeError
+    from facepipe.types import Box
+
+    img = np.zeros((50, 50, 3), np.uint8)
+    with pytest.raises(ShapeError, match=r"\(5, 2\).*\(4, 2\)"):
+        align_face(img, np.zeros((4, 2)), 112)
+    with pytest.raises(ShapeError, match="NaN"):
+        align_face(img, np.full((5, 2), np.nan), 112)
+    with pytest.raises(ShapeError, match="coincide"):
+        align_face(img, np.ones((5, 2)), 112)
+    with pytest.raises(ShapeError, match="at least 16"):
+        reference_points(15)
+    assert reference_points(16).shape == (5, 2)
+    with pytest.raises(ShapeError, match="degenerate"):
+        box_crop(img, Box(0, 0, 10, 0), 112)
+    # points on one vertical line still define a similarity (only five coinciding points do not)
+    line = np.array([[30.0, 10.0], [30.0, 20.0], [30.0, 30.0], [30.0, 40.0], [30.0, 50.0]])
+    assert np.all(np.isfinite(similarity_matrix(line, 112)))
