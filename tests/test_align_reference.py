@@ -159,3 +159,5 @@ def test_errors_name_the_problem() -> None:
     # points on one vertical line still define a similarity (only five coinciding points do not)
     line = np.array([[30.0, 10.0], [30.0, 20.0], [30.0, 30.0], [30.0, 40.0], [30.0, 50.0]])
     assert np.all(np.isfinite(similarity_matrix(line, 112)))
+    assert np.all(np.isfinite(similarity_matrix(line[:, ::-1], 112)))   # ... and on one horizontal line
+    assert box_crop(img, Box(20, 20, 1, 1), 112).shape == (112, 112, 3)  # a 1-px box is small, not degenerate
