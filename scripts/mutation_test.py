@@ -139,11 +139,13 @@ def toml_list(items: list[str] | tuple[str, ...]) -> str:
 
 
 def run_target(name: str, t: Target, workdir: Path, children: int, timeout: float,
-               extra_pytest: list[str]) -> dict:
+               extra_pytest: list[str], timeout_multiplier: float = 15.0) -> dict:
     missing = [f for f in t.files + t.tests if not (ROOT / f.split("::")[0]).exists()]
     if missing:
         return {"target": name, "what": t.what, "status": "stale", "missing": missing}
     copy = workdir / name
+    if copy.exists():      # a kept copy of an earlier run: mutmut would reuse its cached results
+        shutil.rmtree(copy)
     make_copy(ROOT, copy)
     with open(copy / "pyproject.toml", "a") as f:
         f.write("\n[tool.mutmut]\n"
@@ -153,7 +155,8 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
                 f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-q', *extra_pytest])}\n"
                 'process_isolation = "forkserver"\n'
                 'also_copy = ["scripts", "cascades"]\n'
-                "use_git_change_detection = false\n")
+                "use_git_change_detection = false\n"
+                f"timeout_multiplier = {float(timeout_multiplier)}\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the mutated copy, not a worktree
     env.setdefault("OMP_NUM_THREADS", "1")
     from facepipe.datasets import data_root
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "mutation.json")
     ap.add_argument("--children", type=int, default=1, help="parallel mutmut workers [1: shared machine]")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per target")
+    ap.add_argument("--timeout-multiplier", type=float, default=15.0,
+                    help="a mutant times out after this many times its tests' clean run time [15; "
+                         "raise it on a busy machine, where load spikes look like timeouts]")
     ap.add_argument("--keep", type=Path, default=None, help="keep the scratch copies here (for mutmut browse)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (e.g. -m 'not slow')")
     args = ap.parse_args(argv)
@@ -216,31 +222,44 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.target or list(TARGETS)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="facepipe-mutation-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+    import mutmut as _m
+
+    def save() -> None:
+        """Write what has been measured so far (after every target: runs take hours)."""
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+        doc = {"command": "python scripts/mutation_test.py" + "".join(f" --target {t}" for t in args.target)
+                          + (f" --timeout-multiplier {args.timeout_multiplier:g}" if args.timeout_multiplier != 15 else ""),
+               "commit": commit + ("+dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), Python {platform.python_version()}",
+               "mutmut": getattr(_m, "__version__", "?"), "targets": list(results)}
+        if args.out.is_file():   # keep earlier runs of the other targets
+            old = json.loads(args.out.read_text())
+            done = {r["target"] for r in results}
+            doc["targets"] = [r for r in old.get("targets", []) if r["target"] not in done] + list(results)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+
     try:
         for name in chosen:
             print(f"{name}: running mutmut ...", flush=True)
-            r = run_target(name, TARGETS[name], workdir, args.children, args.timeout, args.pytest_arg)
+            r = run_target(name, TARGETS[name], workdir, args.children, args.timeout, args.pytest_arg,
+                           args.timeout_multiplier)
+            r["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                         text=True).stdout.strip()
+            r["date"] = time.strftime("%Y-%m-%d")
+            # the last commit that changed the mutated files (the code under test)
+            r["source_commit"] = subprocess.run(["git", "log", "-1", "--format=%H", "--", *TARGETS[name].files],
+                                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
             results.append(r)
+            save()
             print(f"{name}: {r.get('counts', r.get('status'))}, {len(r.get('survivors', {}))} survivors, "
                   f"{r.get('seconds', 0)} s", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
-    import mutmut as _m
-
-    doc = {"command": "python scripts/mutation_test.py" + "".join(f" --target {t}" for t in args.target),
-           "commit": commit + ("+dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), Python {platform.python_version()}",
-           "mutmut": getattr(_m, "__version__", "?"), "targets": results}
-    if args.target and args.out.is_file():   # merge into an earlier run of the other targets
-        old = json.loads(args.out.read_text())
-        doc["targets"] = [r for r in old.get("targets", []) if r["target"] not in chosen] + results
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     print(f"-> {args.out}")
     return 0
 

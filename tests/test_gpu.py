@@ -74,7 +74,7 @@ def test_video_runs_on_cuda(tmp_path: Path, astronaut: np.ndarray) -> None:
                                      "--detector", "mtcnn", "--device", device, "--no-annotate"],
                                catch_exceptions=False)
         assert r.exit_code == 0, r.output
-    tracks = {d: json.loads((tmp_path / d / "clip.mp4.tracks.json").read_text())["tracks"] for d in ("cpu", "cuda")}
+    tracks = {d: json.loads((tmp_path / d / "clip.tracks.json").read_text())["tracks"] for d in ("cpu", "cuda")}
     assert len(tracks["cuda"]) == len(tracks["cpu"]) == 1
     assert tracks["cuda"][0]["frames"] == tracks["cpu"][0]["frames"] == 6
 

@@ -161,3 +161,72 @@ def test_tracker_collects_votes_per_track() -> None:
     (track,) = tr.tracks
     assert [n for n, _ in track.votes] == names
     assert vote_identity(track.votes, 0.5).name == "carol"
+
+
+# -- behaviour the mutation run (scripts/mutation_test.py --target tracker) found untested ----------
+
+
+def test_track_ids_start_at_one_and_count_up() -> None:
+    tr = Tracker()
+    assert tr.update(0, 0.0, [_obs(10, 10), _obs(300, 10)]) == [1, 2]
+    assert tr.update(1, 0.04, [_obs(11, 10), _obs(301, 10), _obs(150, 200)]) == [1, 2, 3]
+
+
+def test_overlapping_faces_are_linked_unless_they_clearly_differ() -> None:
+    """Same place, next frame: linked while cosine >= sim_min / 2, a new track below that."""
+    rng = np.random.default_rng(5)
+    a = _unit(rng.normal(size=64))
+    ortho = _unit(rng.normal(size=64) - (rng.normal(size=64) @ a) * a)
+    ortho = _unit(ortho - (ortho @ a) * a)
+
+    def at_cosine(c: float) -> np.ndarray:
+        return _unit(c * a + np.sqrt(1 - c * c) * ortho)
+
+    for cos, same in ((0.3, True), (0.2, False)):          # sim_min 0.5: the veto is at 0.25
+        tr = Tracker(sim_min=0.5)
+        (first,) = tr.update(0, 0.0, [_obs(100, 100, emb=a)])
+        (second,) = tr.update(1, 0.04, [_obs(101, 100, emb=at_cosine(cos))])
+        assert (first == second) == same, cos
+    tr = Tracker(sim_min=0.5, sim_veto=0.1)                  # an explicit veto replaces sim_min / 2
+    (first,) = tr.update(0, 0.0, [_obs(100, 100, emb=a)])
+    assert tr.update(1, 0.04, [_obs(101, 100, emb=at_cosine(0.2))]) == [first]
+
+
+def test_cut_ends_every_live_track() -> None:
+    tr = Tracker()
+    ids = tr.update(0, 0.0, [_obs(100, 100), _obs(300, 100)])
+    tr.cut()
+    assert tr.active == [] and [t.track_id for t in tr.tracks] == ids
+    again = tr.update(1, 0.04, [_obs(100, 100), _obs(300, 100)])   # same places: new tracks after a cut
+    assert not set(again) & set(ids) and len(tr.tracks) == 4
+
+
+def test_covered_by_tracks_needs_an_identified_unambiguous_live_track() -> None:
+    from facepipe.track import covered_by_tracks
+
+    rng = np.random.default_rng(6)
+    e = _unit(rng.normal(size=32))
+    tr = Tracker()
+    box = Box(100, 100, 40, 40)
+    assert covered_by_tracks(tr, 0.0, [box]) == [False]               # no tracks at all
+    for f in range(2):
+        tr.update(f, f / 25, [_obs(100, 100, emb=e)])
+    assert covered_by_tracks(tr, 2 / 25, [box]) == [False]            # 2 embedded frames: not yet
+    tr.update(2, 2 / 25, [_obs(100, 100, emb=e)])
+    assert covered_by_tracks(tr, 3 / 25, [box, Box(300, 300, 40, 40)]) == [True, False]
+    assert covered_by_tracks(tr, 3 / 25, []) == []
+    assert covered_by_tracks(tr, 3 / 25, [box], min_embedded=4) == [False]
+    assert covered_by_tracks(tr, 3 / 25, [Box(112, 100, 40, 40)]) == [True]    # IoU 0.54 >= 0.5
+    assert covered_by_tracks(tr, 3 / 25, [Box(116, 100, 40, 40)]) == [False]   # IoU 0.43
+    assert covered_by_tracks(tr, 2 / 25 + tr.max_gap_s + 0.01, [box]) == [False]   # the track went stale
+    # two live tracks claiming the same face: embed it to tell them apart
+    e2 = _unit(rng.normal(size=32))
+    for f in range(3, 6):
+        tr.update(f, f / 25, [_obs(100, 100, emb=e), _obs(104, 100, emb=e2)])
+    assert len(tr.active) == 2
+    assert covered_by_tracks(tr, 6 / 25, [box]) == [False]
+
+
+def test_vote_without_votes_is_empty() -> None:
+    v = vote_identity([], 0.5)
+    assert v.name is None and v.confidence == 0.0 and v.mean_score is None and v.frames == 0

@@ -87,15 +87,15 @@ def test_video_names_the_track_by_the_majority_of_its_frames(tmp_path: Path, ast
                             "--embedder", "untrained", "--device", "cpu", "--min-size", "40",
                             "--no-annotate"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    recs = [json.loads(x) for x in (out / "clip.mp4.frames.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "clip.frames.jsonl").read_text().splitlines()]
     faces = [f for rec in recs for f in rec["faces"]]
     assert len(faces) == 8 and len({f["track"] for f in faces}) == 1, "one face, one track"
     # precondition: the first frame on its own matches bea, the others ada
     assert [f["frame_name"] for f in faces] == ["bea"] + ["ada"] * 7
     # the track, its summaries and every frame carry the majority's name
     assert [f["name"] for f in faces] == ["ada"] * 8
-    (track,) = json.loads((out / "clip.mp4.tracks.json").read_text())["tracks"]
+    (track,) = json.loads((out / "clip.tracks.json").read_text())["tracks"]
     assert track["identity"] == "ada" and 0.8 < track["confidence"] < 1.0
-    (row,) = csv.DictReader((out / "clip.mp4.tracks.csv").open())
+    (row,) = csv.DictReader((out / "clip.tracks.csv").open())
     assert row["identity"] == "ada"
     assert "identities: ada" in r.output and "bea" not in r.output
