@@ -38,7 +38,7 @@ EMBEDDER = "default"
 #: Device for the CNN stages: ``auto`` uses the first CUDA GPU when there is one.
 DEVICE = "auto"
 
-#: Where FAISS searches a gallery (``auto``: a GPU when faiss-gpu sees one).
+#: Where a gallery is searched (``auto``: a GPU when there is one; faiss-gpu or exact torch search).
 SEARCH_DEVICE = "auto"
 
 #: Output format of the batch commands (csv, json or jsonl).
@@ -120,7 +120,7 @@ def table() -> list[Default]:
         Default("--embedder", EMBEDDER, "embedder of new galleries and `embed`; identify/video use the "
                                         "gallery's own"),
         Default("--device", DEVICE, "where the CNN stages run (auto: GPU when there is one)"),
-        Default("--search-device", SEARCH_DEVICE, "where FAISS searches a gallery"),
+        Default("--search-device", SEARCH_DEVICE, "where a gallery is searched (auto: a GPU when there is one)"),
         Default("--format", FORMAT, "output of detect and identify (csv, json, jsonl)"),
         Default("--min-detect-size", MIN_DETECT_SIZE, "smallest face side (px) the detector looks for "
                                                       "(MTCNN 20, Haar and CNN 24)"),

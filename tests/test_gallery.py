@@ -293,16 +293,18 @@ def test_lock_timeout(tmp_path: Path) -> None:
             Gallery.open(tmp_path, lock_timeout=0.2)
 
 
-def test_cuda_without_faiss_gpu_is_an_error(tmp_path: Path) -> None:
-    import faiss
+def test_cuda_without_a_gpu_is_an_error(tmp_path: Path) -> None:
+    from facepipe.gallery.search import cuda_devices, faiss_gpus
 
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        pytest.skip("faiss has a GPU here")
+    if faiss_gpus() > 0 or cuda_devices() > 0:
+        pytest.skip("this machine has a GPU (tests/test_gallery_search.py covers it)")
     rng = np.random.default_rng(14)
     x, names, _ = clustered(rng, 3, 2)
     g = build(tmp_path, x, names)
-    with pytest.raises(DeviceUnavailableError, match="no GPU support|no CUDA GPU"):
+    with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
         g.to_device("cuda")
+    with pytest.raises(DeviceUnavailableError, match="no GPU support"):
+        g.to_device("cuda", engine="faiss")
     assert g.to_device("auto") == "cpu" and g.search_device == "cpu"
     with pytest.raises(DeviceUnavailableError, match="invalid device"):
         g.to_device("tpu")

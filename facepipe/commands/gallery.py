@@ -11,6 +11,7 @@ from typing import Any
 import click
 import numpy as np
 
+from facepipe import defaults
 from facepipe.commands._common import (
     FiniteFloat, RecordWriter, fail, progress, report, report_error, setup_logging, verbosity_options,
 )
@@ -55,15 +56,21 @@ def list_people(gallery_dir: Path, fmt: str, sources: bool) -> None:
 
 @gallery.command("info")
 @_gallery_option
-def info(gallery_dir: Path) -> None:
+@click.option("--search", "show_search", is_flag=True,
+              help="Also report how identify would search this gallery on --search-device: engine "
+                   "(faiss-cpu, faiss-gpu, torch), device, exact or approximate, precision, and why.")
+@click.option("--search-device", default=defaults.SEARCH_DEVICE, show_default=True,
+              help="With --search: the device to plan for (auto, cpu, cuda, cuda:N).")
+def info(gallery_dir: Path, show_search: bool, search_device: str) -> None:
     """Print the gallery's manifest summary as JSON (embedder, index, threshold, counts)."""
     from facepipe.gallery import Gallery
 
     try:
         g = Gallery.open(gallery_dir)
+        out = g.info(search_device if show_search else None)
     except FacepipeError as exc:
         raise fail(exc) from exc
-    click.echo(json.dumps(g.info(), indent=2))
+    click.echo(json.dumps(out, indent=2))
 
 
 @gallery.command("remove")

@@ -73,7 +73,8 @@ def _colour(v: Any) -> tuple[int, int, int]:
               metavar="DIR", help="Write copies of the images with boxes, names and distances into DIR "
                                   "(green: named, red: unknown, yellow: near-tie called unknown).")
 @click.option("--search-device", default=defaults.SEARCH_DEVICE, show_default=True,
-              help="Where FAISS searches: auto (GPU when faiss-gpu sees one), cpu, cuda or cuda:N.")
+              help="Where the gallery is searched: auto (a GPU when there is one: faiss-gpu if installed, "
+                   "else exact torch search), cpu, cuda or cuda:N.")
 @model_options(gallery_aware=True)
 @engine_options
 @verbosity_options
@@ -119,7 +120,8 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
                                 min_embed_size, min_detect_size=min_detect_size)
         pipe = factory()
         gallery.check_embedder(pipe.embedder.embedder_id)
-        where = gallery.to_device(search_device)
+        gallery.to_device(search_device)
+        where = gallery.search_plan.summary()
         if annotate_dir is not None:
             annotate_dir = ensure_output_dir(annotate_dir)
     except FacepipeError as exc:

@@ -2,6 +2,7 @@
 
 Storage (directory layout, locking, atomic generations) lives in
 :mod:`facepipe.gallery.storage`, FAISS index building in :mod:`facepipe.gallery.index`,
+the search engines (FAISS CPU/GPU, exact torch on a GPU) in :mod:`facepipe.gallery.search`,
 and the open-set rule and calibration in :mod:`facepipe.gallery.decision`.
 """
 
@@ -17,11 +18,10 @@ import numpy as np
 
 from facepipe.errors import GalleryError, ShapeError
 from facepipe.gallery.decision import AGGREGATIONS, DEFAULT_TARGET_FPIR, DEFAULT_THRESHOLD, MODES, Decision
-from facepipe.gallery.index import (
-    DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors, gpu_search_index, resolve_kind,
-)
+from facepipe.gallery.index import DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors, resolve_kind
 from facepipe.gallery.names import UNKNOWN, check_name
 from facepipe.gallery.openset import ImpostorModel, comparisons
+from facepipe.gallery.search import Searcher, SearchPlan, build_searcher, plan_search
 from facepipe.gallery.storage import (
     LABELS_FORMAT, MANIFEST, Lock, check_writable, new_manifest, read_snapshot, refuse_orphans,
     write_generation,
@@ -58,8 +58,9 @@ class Gallery:
         self._dirty = False
         self._rebuild_needed = False
         self._impostor_model: ImpostorModel | None = None
-        self._search_index: Any = None   # GPU copy (searched with internal positions)
-        self._search_kind = "cpu"
+        self._search_request = ("cpu", "auto", "fp32")  # (device, engine, precision) of to_device
+        self._search_plan: SearchPlan | None = None
+        self._searcher: Searcher | None = None          # built on first search, dropped on changes
         self._refresh_people()
 
     # ------------------------------------------------------------------ properties
@@ -379,6 +380,7 @@ class Gallery:
         self._hashes.extend(hashes)
         self._refresh_people()
         self._dirty = True
+        self._searcher = self._search_plan = None
         log.debug("added %d vector(s) to %s index", n, kind)
         return new_ids
 
@@ -401,7 +403,6 @@ class Gallery:
                 self.index, used = build_index(kind, self.dim, self.vectors(keep_ids), keep_ids,
                                                self.manifest["index"]["params"].get(kind))
                 self.manifest["index"]["params"][kind] = used
-                self._search_index = None
             else:
                 removed = self.index.remove_ids(drop_ids)
                 if removed != drop_ids.size:
@@ -413,6 +414,7 @@ class Gallery:
         self._hashes = [h for h, k in zip(self._hashes, keep) if k]
         self._compact_names()
         self._dirty = True
+        self._searcher = self._search_plan = None
         return int(drop.sum())
 
     def _compact_names(self) -> None:
@@ -542,27 +544,55 @@ class Gallery:
         }
         write_generation(self.directory, m, self.index, labels, n, len(self.people()))
         self._dirty = False
-        self._search_index = None
+        self._searcher = self._search_plan = None
 
     # ------------------------------------------------------------------ devices
 
-    def to_device(self, device: str = "cpu") -> str:
+    def to_device(self, device: str = "cpu", engine: str = "auto", precision: str = "fp32") -> str:
         """Search on ``cpu``, ``cuda``/``cuda:N`` or ``auto``; returns where search now runs.
 
-        GPU search needs a faiss build with GPU support (``faiss-gpu``); asking for
-        CUDA without one raises :class:`DeviceUnavailableError`. FAISS has no GPU
-        HNSW, so an HNSW gallery is searched exactly (brute force) on the GPU.
+        The engine (see :mod:`facepipe.gallery.search`): faiss-gpu when the installed faiss
+        has GPU support, else exact torch search on the GPU (any index type), else FAISS on
+        the CPU. ``engine`` forces ``faiss`` or ``torch`` (``torch`` with ``cpu`` runs the
+        GPU code path on the CPU); ``precision`` ``fp16``/``bf16`` halves the GPU memory
+        (torch; results stay exact). Asking for CUDA where it cannot be had (no GPU, or the
+        vectors do not fit its free memory) raises :class:`DeviceUnavailableError`; ``auto``
+        then searches on the CPU. The vectors are copied to the device now, so errors show
+        here, and again after the gallery changes.
         """
-        where, search, res = gpu_search_index(device, self.index, self.index_type, self.dim, len(self),
-                                              lambda: (self._ids, self.vectors(self._ids)))
-        self._gpu_res = res
-        self._search_index, self._search_kind = search, where
-        return where
+        before = self._search_request
+        self._search_request = (device, engine, precision)
+        self._searcher = self._search_plan = None
+        try:
+            plan = self._ensure_searcher().plan
+        except Exception:
+            self._search_request = before  # a refused device leaves the previous choice in force
+            raise
+        log.info("gallery search: %s (%s)", plan.summary(), plan.reason)
+        return plan.device
+
+    def _ensure_searcher(self) -> Searcher:
+        if self._searcher is None:
+            device, engine, precision = self._search_request
+            plan = plan_search(device, self.index_type, len(self), self.dim, engine, precision)
+            self._searcher = build_searcher(plan, self.index, self.dim,
+                                            lambda: (self._ids, self.vectors(self._ids)))
+            self._search_plan = plan
+        return self._searcher
 
     @property
     def search_device(self) -> str:
         """Where :meth:`search` runs: ``cpu`` or ``cuda:N``."""
-        return self._search_kind
+        return self.search_plan.device
+
+    @property
+    def search_plan(self) -> SearchPlan:
+        """How :meth:`search` runs: engine (faiss-cpu, faiss-gpu, torch), device, exactness,
+        precision and why; ``.summary()`` gives one line for reports."""
+        if self._search_plan is None:
+            device, engine, precision = self._search_request
+            self._search_plan = plan_search(device, self.index_type, len(self), self.dim, engine, precision)
+        return self._search_plan
 
     # ------------------------------------------------------------------ search
 
@@ -576,13 +606,7 @@ class Gallery:
         if len(self) == 0 or n == 0:
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
         kk = min(k, len(self))
-        if self._search_index is not None:
-            gpu_index, positions = self._search_index
-            D, I = gpu_index.search(q, kk)
-            if positions is not None:
-                I = np.where(I >= 0, positions[np.clip(I, 0, None)], -1)
-        else:
-            D, I = self.index.search(q, kk)
+        D, I = self._ensure_searcher().search_unit(q, kk)
         if kk < k:
             D = np.pad(D, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             I = np.pad(I, ((0, 0), (0, k - kk)), constant_values=-1)
@@ -673,10 +697,11 @@ class Gallery:
         isc = np.asarray([c[0].score for c in i_best], dtype=np.float64)
         return gs, gc, isc
 
-    def info(self) -> dict[str, Any]:
-        """A summary for ``facepipe gallery info``."""
+    def info(self, search_device: str | None = None) -> dict[str, Any]:
+        """A summary for ``facepipe gallery info``; with ``search_device``, also how a search
+        there would run (``search``: engine, device, exact, precision, reason)."""
         m = self.manifest
-        return {
+        out = {
             "directory": str(self.directory),
             "generation": self.generation,
             "embedder": m["embedder"],
@@ -690,6 +715,9 @@ class Gallery:
             "created_at": m["created_at"],
             "updated_at": m["updated_at"],
         }
+        if search_device is not None:
+            out["search"] = plan_search(search_device, self.index_type, len(self), self.dim).to_dict()
+        return out
 
     def _decision_summary(self) -> dict[str, Any]:
         d = {k: v for k, v in self.manifest["decision"].items() if k != "impostor_model"}

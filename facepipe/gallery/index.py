@@ -1,4 +1,4 @@
-"""FAISS indexes for a gallery: building each index type, search parameters, GPU copies.
+"""FAISS indexes for a gallery: building each index type and its search parameters.
 
 Vectors are compared by inner product on L2-normalised vectors (cosine similarity, higher
 is more similar). Index types: ``flat`` (exact ``IndexFlatIP`` in an ``IndexIDMap2``),
@@ -10,12 +10,11 @@ uses ``flat`` below :data:`AUTO_HNSW_FROM` vectors and ``hnsw`` from there on.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
 
-from facepipe.errors import DeviceUnavailableError, GalleryError, ShapeError
+from facepipe.errors import GalleryError, ShapeError
 
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 #: ``auto`` switches from exact ``flat`` to ``hnsw`` at this many vectors.
@@ -120,46 +119,3 @@ def resolve_kind(requested: str, n: int) -> str:
     if requested == "auto":
         return "hnsw" if n >= AUTO_HNSW_FROM else "flat"
     return requested
-
-
-def gpu_search_index(device: str, index: Any, kind: str, dim: int, n_vectors: int,
-                     vectors: Any) -> tuple[str, Any, Any]:
-    """Prepare search on ``cpu``, ``cuda``/``cuda:N`` or ``auto``.
-
-    Returns ``(where, search, resources)`` with ``where`` ``"cpu"`` or ``"cuda:N"`` and ``search``
-    ``None`` (search the CPU index) or ``(gpu_index, positions)`` where ``positions``
-    maps the GPU index's internal positions to external ids (``None`` when the GPU index
-    keeps external ids); ``resources`` must be kept alive as long as the GPU index. ``vectors`` is called as ``vectors()`` to get ``(ids, unit rows)``
-    when a flat copy must be built. GPU search needs a faiss build with GPU support
-    (``faiss-gpu``); asking for CUDA without one raises :class:`DeviceUnavailableError`.
-    FAISS has no GPU HNSW, so an HNSW gallery is searched exactly (brute force) on the GPU.
-    """
-    spec = (device or "auto").strip().lower()
-    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", spec):
-        raise DeviceUnavailableError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N")
-    faiss = faiss_module()
-    n_gpu = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-    has_gpu = n_gpu > 0 and hasattr(faiss, "StandardGpuResources")
-    if spec == "cpu" or (spec == "auto" and not has_gpu):
-        return "cpu", None, None
-    if not has_gpu:
-        why = ("this faiss build has no GPU support (faiss-cpu); install faiss-gpu, see docs/gallery.md"
-               if not hasattr(faiss, "StandardGpuResources") else "faiss sees no CUDA GPU")
-        raise DeviceUnavailableError(f"device {spec!r} requested for gallery search but {why}")
-    gpu = int(spec.split(":")[1]) if ":" in spec else 0
-    if gpu >= n_gpu:
-        raise DeviceUnavailableError(f"device {spec!r} requested but faiss sees only {n_gpu} GPU(s)")
-    if index is None or n_vectors == 0:
-        return f"cuda:{gpu}", None, None
-    res = faiss.StandardGpuResources()
-    if kind == "ivf":
-        inner = faiss.extract_index_ivf(index)
-        gpu_index = faiss.index_cpu_to_gpu(res, gpu, inner)
-        positions = None  # IVF keeps its own (external) ids
-    else:
-        ids, rows = vectors()
-        flat = faiss.IndexFlatIP(dim)
-        flat.add(rows)
-        gpu_index = faiss.index_cpu_to_gpu(res, gpu, flat)
-        positions = ids
-    return f"cuda:{gpu}", (gpu_index, positions), res
