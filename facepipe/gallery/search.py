@@ -302,8 +302,8 @@ class TorchSearcher:
     under TF32, when a program enables it): the first pass rounds probe and vectors to
     the lower precision; its top ``k + 32`` are re-scored in fp32 from an exact copy. With
     unit rows and fp32 accumulation the first-pass score differs from the exact one by at
-    most ``eps = (2u + u²) + D·2⁻²¹ + u`` (input rounding of both factors by Cauchy–Schwarz,
-    accumulation, output rounding; ``u`` the unit roundoff), so every vector left out
+    most ``eps ≈ 3u + D·2⁻²¹`` (input rounding of both factors by Cauchy–Schwarz,
+    accumulation, output rounding; ``u`` the unit roundoff; see :meth:`_eps`), so every vector left out
     scores at most ``t + eps`` (``t`` the lowest first-pass score fetched). When the
     ``k``-th re-ranked score is above that, the result is exact; otherwise the row is
     tried with 8× the candidates and then scored exactly against every vector.
@@ -356,7 +356,12 @@ class TorchSearcher:
         return None
 
     def _eps(self, u: float) -> float:
-        return (2 * u + u * u) * (1 + 2 ** -20) + self.dim * 2.0 ** -21 + u
+        """Bound on |first-pass score − exact score| for unit rows: both factors rounded
+        (``(1+u)² − 1``), fp32 accumulation over ``D`` terms (``D·2⁻²⁴``, taken 8× for
+        hardware that accumulates less carefully), the output rounded (``u``); every term
+        scaled by ``Σ|q̂ᵢm̂ᵢ| ≤ (1+u)²`` (Cauchy–Schwarz) and the rows' norms (1 ± 2⁻²⁰)."""
+        grow = (1 + u) ** 2
+        return ((grow - 1) + u * grow + self.dim * 2.0 ** -21 * grow) * (1 + 2.0 ** -20)
 
     def _rerank(self, Q: Any, pos: Any) -> Any:
         """Exact fp32 scores of the candidates ``pos`` (b, c) for probes ``Q`` (b, D).
