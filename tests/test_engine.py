@@ -68,3 +68,22 @@ def test_engine_ray_without_ray_is_a_one_line_error(tmp_path: Path, monkeypatch:
 def test_ray_options_need_the_ray_engine(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["video", str(tmp_path), "--out", str(tmp_path / "o"), "--ray-address", "x:1"])
     assert r.exit_code != 0 and "--ray-address and --ray-workers need --engine ray" in r.output
+
+
+def test_batch_summary_lists_each_failed_input_at_the_end(tmp_path: Path, astronaut_path: Path) -> None:
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = tmp_path / "good.jpg"
+    good.write_bytes(astronaut_path.read_bytes())
+    r = CliRunner().invoke(cli, ["embed", str(tmp_path), "--out", str(tmp_path / "e.npy"), "--detector", "haar",
+                                 "--embedder", "untrained", "--device", "cpu", "--engine", "local"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.rstrip().splitlines()
+    at = lines.index("facepipe: 2 input(s) failed:")
+    assert at > [i for i, ln in enumerate(lines) if "image(s)" in ln and "embedded" in ln][0]   # after the summary
+    listed = lines[at + 1:]
+    assert len(listed) == 2 and all(ln.startswith("  ") for ln in listed)
+    assert any("bad.jpg" in ln for ln in listed) and any("empty.png" in ln for ln in listed)
+    # the same lines were reported as errors when they happened
+    for ln in listed:
+        assert f"facepipe: error: {ln.strip()}" in r.output

@@ -97,6 +97,8 @@ def test_video_on_ray_writes_what_local_writes(ray_address: str, clips: Path, tm
         assert r.exit_code == 1, r.output          # the truncated file fails, the rest is done
         assert "broken.mp4" in r.output and "truncated" in r.output
         assert "4 video(s) processed" in r.output and "1 failed" in r.output
+        last = r.output.rstrip().splitlines()[-2:]          # the summary ends with the failures listed
+        assert last[0] == "facepipe: 1 input(s) failed:" and last[1].startswith(f"  {clips / 'broken.mp4'}: ")
     a, b = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
     assert sorted(a) == sorted(b)
     assert len([k for k in a if k.endswith(".done.json")]) == 4

@@ -82,6 +82,10 @@ def report_error(message: str) -> None:
     tqdm.write(f"facepipe: error: {message}", file=sys.stderr)
 
 
+#: Failed inputs listed one per line at the end of a batch run (the rest are counted).
+MAX_LISTED_FAILURES = 100
+
+
 @dataclass
 class BatchTally:
     """Counts for a batch run's closing summary and exit status."""
@@ -101,6 +105,17 @@ class BatchTally:
     def exit_code(self) -> int:
         """0 when everything succeeded, 1 when any input failed."""
         return 1 if self.failed else 0
+
+    def done(self, quiet: bool = False) -> SystemExit:
+        """The end of a batch run: lists every failed input (file and problem) after the summary,
+        so a long run's failures need not be searched for in its scrollback, and returns the
+        ``SystemExit`` to raise. A run of one input has said everything in its error line."""
+        if self.failures and self.ok + self.failed > 1:
+            shown = self.failures[:MAX_LISTED_FAILURES]
+            more = len(self.failures) - len(shown)
+            report(f"facepipe: {self.failed} input(s) failed:\n" + "\n".join(f"  {m}" for m in shown)
+                   + (f"\n  ... and {more} more (reported above)" if more else ""), quiet)
+        return SystemExit(self.exit_code)
 
 
 def expand_inputs(paths: Iterable[str], tally: BatchTally) -> list["InputFile"]:

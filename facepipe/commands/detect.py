@@ -132,4 +132,4 @@ def detect(
             f"{tally.failed} failed, {elapsed:.1f}s",
             quiet,
         )
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)

@@ -138,4 +138,4 @@ def embed(paths: tuple[str, ...], out: Path, detector_name: str | None, embedder
     report(f"facepipe: {tally.ok} image(s), {len(vectors)} face(s) embedded -> {npy} (+ {side.name}), "
            f"{len(no_face)} without a face, {len(skipped)} face(s) skipped, {tally.failed} failed, "
            f"{time.perf_counter() - t0:.1f}s", quiet)
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)

@@ -225,7 +225,7 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
         report(f"facepipe: nothing new to enrol ({skipped_known} photo(s) already enrolled, "
                f"{tally.failed} failed); gallery has {len(existing.people())} people / {len(existing)} vectors",
                quiet)
-        raise SystemExit(tally.exit_code)
+        raise tally.done(quiet)
     try:
         if embedder_name is None and existing is not None:
             embedder_name = gallery_embedder(existing)
@@ -311,4 +311,4 @@ def enroll(name: str | None, images: tuple[str, ...], gallery_dir: Path, root: P
             report(f"facepipe: warning: the threshold was calibrated for {was} comparisons and the gallery now "
                    f"has {final.n_comparisons}: more people, more chances of a false match; re-run "
                    "`facepipe gallery calibrate` (or `--auto`)", quiet)
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)

@@ -176,7 +176,7 @@ def explain(paths: tuple[str, ...], out_dir: Path, gallery_dir: Path | None, top
             writer.record({"path": path_str, "width": w, "height": h, "faces": rows})
     writer.close()
     report(f"facepipe: {tally.ok} image(s) explained, {tally.items} face(s), {tally.failed} failed", quiet)
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)
 
 
 def _key(det: Any) -> tuple[float, float, float, float]:

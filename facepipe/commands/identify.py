@@ -195,7 +195,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
                + (f" ({ambiguous} near-ties)" if ambiguous else "")
                + f"; {tally.failed} failed; tolerance {1.0 - thr:.4f} (distance; similarity threshold "
                f"{thr:.4f}); search on {where}; {elapsed:.1f}s", quiet)
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)
 
 
 def _annotate(out_dir: Path, relative: Path, used: set[Path], image: Any, result: Any, verdicts: list[Any]) -> None:

@@ -275,4 +275,4 @@ def video(
             f"{tally.failed} failed, {elapsed:.1f}s",
             quiet,
         )
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)
