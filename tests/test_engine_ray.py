@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from facepipe.cli import cli
+from test_segments import astronaut_gallery, crossing_clip, output_files
 from test_video import face_clip
 
 ray = pytest.importorskip("ray")
@@ -244,3 +245,83 @@ def test_kept_workers_are_reused_until_close(ray_address: str) -> None:
     finally:
         engine.close()
     assert not engine._kept
+
+
+# --------------------------------------------------------------------------- long videos in segments
+
+
+@pytest.fixture(scope="module")
+def crossing(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> tuple[Path, Path, Path]:
+    """The segment tests' clip (a face crossing every boundary of 2-s segments, a cut), a gallery
+    naming it, and the single-pass outputs of ``facepipe video`` on the local engine."""
+    d = tmp_path_factory.mktemp("crossing")
+    (d / "in").mkdir()
+    clip = crossing_clip(d / "in" / "cross.mp4", astronaut)
+    gallery = astronaut_gallery(d / "gallery", astronaut)
+    r = _invoke(["video", str(clip), *_CROSSING_ARGS, "--gallery", str(gallery), "--out", str(d / "local")])
+    assert r.exit_code == 0, r.output
+    return clip, gallery, d / "local"
+
+
+_CROSSING_ARGS = ["--detector", "haar", "--embedder", "untrained", "--device", "cpu", "--min-detect-size", "40",
+                  "--batch-size", "4"]
+
+
+def test_long_video_in_segments_on_ray_writes_what_one_local_pass_writes(
+        ray_address: str, crossing: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    clip, gallery, local = crossing
+    r = _invoke(["video", str(clip), *_CROSSING_ARGS, "--gallery", str(gallery), "--out", str(tmp_path / "ray"),
+                 "--engine", "ray", "--segment-seconds", "2", "--segment-overlap", "1.5"])
+    assert r.exit_code == 0, r.output
+    a, b = output_files(local), output_files(tmp_path / "ray")
+    assert sorted(a) == sorted(b) and "cross.mp4.annotated.mp4" in b
+    for k in a:
+        if not k.endswith(".annotated.mp4"):        # re-encoded; compared through frames.jsonl
+            assert a[k] == b[k], k
+    tracks = json.loads(b["cross.mp4.tracks.json"])["tracks"]  # type: ignore[arg-type]
+    assert [(t["first_frame"], t["last_frame"], t["identity"]) for t in tracks] == [
+        (0, 44, "eileen_collins"), (45, 69, "eileen_collins")]
+
+
+def _kill_mid_segment(analyzer, piece, progress=None):  # type: ignore[no-untyped-def]
+    """Run a piece of a video, but kill this worker half-way through segment 1, the first time."""
+    from facepipe.engine.work import SegmentJob, run_video_piece
+
+    flag = piece.job.outputs.marker.parent / "killed-once"
+    if isinstance(piece, SegmentJob) and piece.segment.index == 1 and not flag.exists():
+        middle = (piece.segment.start + piece.segment.stop) // 2
+
+        def progress(phase: str, done: int, total: int) -> None:  # noqa: F811
+            if done >= middle and not flag.exists():
+                flag.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+    return run_video_piece(analyzer, piece, progress)
+
+
+def test_a_worker_killed_mid_segment_still_gives_every_frame_once(
+        ray_address: str, crossing: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from facepipe.engine import WorkerFactory, create_engine
+    from facepipe.engine.work import JoinJob, SegmentJob, VideoJob, map_videos
+    from facepipe.gallery import Gallery
+    from facepipe.video import build_analyzer, output_paths
+
+    clip, gallery, local = crossing
+    out = tmp_path / "out"
+    out.mkdir()
+    thr = float(Gallery.open(gallery).threshold)
+    factory = WorkerFactory(build_analyzer, "haar", "untrained", gallery, "cpu", {"min_size": 40})
+    job = VideoJob(clip, output_paths(out, clip.name), {"max_gap_s": 1.0, "sim_min": thr},
+                   {"batch_size": 4, "annotate": False, "unknown_weight": thr, "shot_cut": 0.3, "settings": {}})
+    pieces: list[object] = []
+    engine = create_engine("ray", workers=2)
+    outcomes = list(map_videos(engine, factory, [job], segment_seconds=2.0, overlap_seconds=1.5,
+                               on_piece=pieces.append, work=_kill_mid_segment))
+    assert (out / "killed-once").is_file()                        # a worker really died mid-segment
+    assert [o.ok for o in outcomes] == [True], [o.error for o in outcomes]
+    kinds = sorted(type(p.item).__name__ for p in pieces)  # type: ignore[attr-defined]
+    assert kinds == ["JoinJob"] + ["SegmentJob"] * 4              # each piece came back once
+    recs = [json.loads(x) for x in job.outputs.frames.read_text().splitlines()]
+    assert [r["frame"] for r in recs] == list(range(70))          # every frame exactly once
+    for name in ("cross.mp4.frames.jsonl", "cross.mp4.tracks.csv", "cross.mp4.tracks.json"):
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]   # no partial file left

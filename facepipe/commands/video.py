@@ -58,6 +58,13 @@ def _tracker(analyzer: Any, max_gap: float) -> dict[str, Any]:
     return {"max_gap_s": max_gap}
 
 
+def defaults_segment_seconds(engine: Any) -> float:
+    """Segments by default only where they can run in parallel: engines with several workers."""
+    from facepipe.video.segments import SEGMENT_SECONDS
+
+    return SEGMENT_SECONDS if int(engine.describe().get("workers", 1)) > 1 else 0.0
+
+
 def _quiet_decoder_logs(verbose: int) -> None:
     """Keep FFmpeg's and OpenCV's own warnings (e.g. "moov atom not found") off stderr: a
     bad file is reported once, as facepipe's one-line error. ``-vv`` shows them."""
@@ -114,6 +121,13 @@ def _quiet_decoder_logs(verbose: int) -> None:
                                       "instead of one per unbroken run of detections. 0 disables it.")
 @click.option("--min-track-frames", type=click.IntRange(min=1), default=defaults.VIDEO_MIN_TRACK_FRAMES,
               show_default=True, help="Drop tracks seen in fewer analysed frames (spurious detections).")
+@click.option("--segment-seconds", type=click.FloatRange(min=0.0), default=None,
+              help="Analyse a video longer than 1.5x this many seconds in time segments, as parallel items "
+              "joined into the same outputs as one pass (tracks continue across segments). "
+              "0: never. [600 when the engine has more than one worker, else 0]")
+@click.option("--segment-overlap", type=click.FloatRange(min=0.0), default=5.0, show_default=True,
+              help="Seconds each segment decodes before its start to bring its tracker up to date "
+              "(must exceed --max-gap; with the automatic --segment-seconds, raised to --max-gap + 1).")
 @engine_options
 @verbosity_options
 def video(
@@ -139,6 +153,8 @@ def video(
     max_gap: float,
     reid_gap: float,
     min_track_frames: int,
+    segment_seconds: float | None,
+    segment_overlap: float,
     engine_name: str,
     ray_address: str | None,
     ray_workers: int,
@@ -160,10 +176,16 @@ def video(
     exit code is 1 if any input failed.
     """
     from facepipe.engine import WorkerFactory
-    from facepipe.engine.work import VideoJob, run_video_job
+    from facepipe.engine.work import SegmentJob, VideoJob, map_videos
     from facepipe.io import ensure_output_dir
     from facepipe.video import build_analyzer, is_complete, iter_videos, output_paths
 
+    if segment_seconds and segment_overlap <= max_gap:
+        raise click.UsageError(f"--segment-overlap ({segment_overlap:g}) must exceed --max-gap ({max_gap:g}): a "
+                               "track alive where a segment starts must have been seen in its warm-up")
+    if segment_seconds and segment_overlap > segment_seconds:
+        raise click.UsageError(f"--segment-overlap ({segment_overlap:g}) must not exceed --segment-seconds "
+                               f"({segment_seconds:g})")
     setup_logging(quiet, verbose)
     _quiet_decoder_logs(verbose)
     if threads:
@@ -241,15 +263,28 @@ def video(
             bar.update(done - bar.n)
         return on_progress
 
-    def on_done(_outcome: Any) -> None:
+    segments_bar: list[Any] = []
+
+    def on_piece(outcome: Any) -> None:
         for b in bars.values():
             b.close()
         bars.clear()
+        if isinstance(outcome.item, SegmentJob):
+            if not segments_bar:
+                segments_bar.append(_bar(None, "segments", "seg", 1, quiet, False))
+            segments_bar[0].update(1)
+
+    def on_done(_outcome: Any) -> None:
         overall.update(1)
 
     engine = make_engine(engine_name, ray_address, ray_workers, device, verbose, workers)
+    if segment_seconds is None:
+        segment_seconds = defaults_segment_seconds(engine)
+        segment_overlap = max(segment_overlap, max_gap + 1.0)
     try:
-        for outcome in engine.map(factory, run_video_job, jobs, on_done=on_done, item_progress=item_progress):
+        for outcome in map_videos(engine, factory, jobs, segment_seconds=segment_seconds,
+                                  overlap_seconds=segment_overlap, on_done=on_done, on_piece=on_piece,
+                                  item_progress=item_progress):
             if not outcome.ok:
                 tally.fail(str(outcome.error))
                 continue
@@ -266,6 +301,8 @@ def video(
                 quiet,
             )
     finally:
+        for b in segments_bar:
+            b.close()
         overall.close()
         engine.close()
     elapsed = time.perf_counter() - t0

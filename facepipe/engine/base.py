@@ -24,6 +24,9 @@ ItemProgress = Callable[[str, int, int], None]
 #: ``work(state, item, progress_or_None) -> value``; must be a module-level function
 #: (the Ray engine sends it to workers by reference).
 Work = Callable[[Any, Any, "ItemProgress | None"], Any]
+#: ``then(outcome) -> more items``: work that an outcome makes possible (the stitching of a
+#: video's segments once the last one is in, a segment to redo); appended to the job.
+Then = Callable[["Outcome[Any]"], Sequence[Any]]
 
 
 class WorkerFactory:
@@ -78,11 +81,15 @@ class Engine(Protocol):
 
     def map(self, factory: WorkerFactory, work: Work, items: Sequence[Any], *,
             ordered: bool = False, on_done: Callable[[Outcome[Any]], None] | None = None,
-            item_progress: Callable[[int, Any], ItemProgress | None] | None = None) -> Iterator[Outcome[Any]]:
+            item_progress: Callable[[int, Any], ItemProgress | None] | None = None,
+            then: Then | None = None) -> Iterator[Outcome[Any]]:
         """Outcomes of ``work`` over ``items``: as they finish, or in item order when
         ``ordered``. ``on_done`` is called as each item finishes (for a progress bar);
         ``item_progress(index, item)`` may give a per-item progress callback where the
-        engine can call it (local)."""
+        engine can call it (local). ``then(outcome)``, called on the driver as each item
+        finishes (before ``on_done``), returns items to add to the job: they get the next
+        indices and their outcomes are yielded too (a dynamic job: segments, then the
+        step that joins them)."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, Sequence
 
-from facepipe.engine.base import ItemProgress, Outcome, WorkerFactory, Work, in_order, run_item
+from facepipe.engine.base import ItemProgress, Outcome, Then, WorkerFactory, Work, in_order, run_item
 
 _FACTORY: WorkerFactory | None = None
 
@@ -35,7 +35,9 @@ def _init_worker(factory: WorkerFactory, threads: int) -> None:
 def _run(work: Work, index: int, item: Any) -> Outcome[Any]:
     if _FACTORY is None:
         raise RuntimeError("pool worker used before its initialiser ran")
-    return run_item(work, _FACTORY(), index, item, None)
+    outcome = run_item(work, _FACTORY(), index, item, None)
+    outcome.item = None             # the driver has it (a join's item holds all its segments' results)
+    return outcome
 
 
 def resolve_workers(workers: int) -> int:
@@ -70,8 +72,10 @@ class PoolEngine:
 
     def map(self, factory: WorkerFactory, work: Work, items: Sequence[Any], *,
             ordered: bool = False, on_done: Callable[[Outcome[Any]], None] | None = None,
-            item_progress: Callable[[int, Any], ItemProgress | None] | None = None) -> Iterator[Outcome[Any]]:
-        """Outcomes of ``work`` over ``items`` (``item_progress`` is not available across processes)."""
+            item_progress: Callable[[int, Any], ItemProgress | None] | None = None,
+            then: Then | None = None) -> Iterator[Outcome[Any]]:
+        """Outcomes of ``work`` over ``items`` (``item_progress`` is not available across processes);
+        items added by ``then`` are submitted as their outcome arrives."""
         items = list(items)
         if not items:
             return iter(())
@@ -83,6 +87,11 @@ class PoolEngine:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     outcome = fut.result()
+                    outcome.item = items[outcome.index]
+                    if then is not None:
+                        for item in then(outcome):
+                            pending.add(pool.submit(_run, work, len(items), item))
+                            items.append(item)
                     if on_done is not None:
                         on_done(outcome)
                     yield outcome

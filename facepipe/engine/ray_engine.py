@@ -28,7 +28,7 @@ import os
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from facepipe.engine.base import ItemProgress, Outcome, WorkerFactory, Work, in_order, run_item
+from facepipe.engine.base import ItemProgress, Outcome, Then, WorkerFactory, Work, in_order, run_item
 from facepipe.errors import FacepipeError
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,10 @@ class _Worker:
             except FacepipeError as exc:
                 self.build_error = f"worker on {os.uname().nodename}: {exc}"
         if self.build_error is not None:
-            return Outcome(index, item, error=self.build_error)
-        return run_item(self.work, self.state, index, item)
+            return Outcome(index, None, error=self.build_error)
+        outcome = run_item(self.work, self.state, index, item)
+        outcome.item = None             # the driver has it (a join's item holds all its segments' results)
+        return outcome
 
     def pid(self) -> int:
         """This worker's process id (tests kill it)."""
@@ -155,14 +157,16 @@ class RayEngine:
 
     def map(self, factory: WorkerFactory, work: Work, items: Sequence[Any], *,
             ordered: bool = False, on_done: Callable[[Outcome[Any]], None] | None = None,
-            item_progress: Callable[[int, Any], ItemProgress | None] | None = None) -> Iterator[Outcome[Any]]:
+            item_progress: Callable[[int, Any], ItemProgress | None] | None = None,
+            then: Then | None = None) -> Iterator[Outcome[Any]]:
         """Outcomes as items finish on the cluster (in item order when ``ordered``).
-        ``item_progress`` is not used: per-item progress stays on the workers."""
-        gen = self._map(factory, work, list(items), on_done)
+        ``item_progress`` is not used: per-item progress stays on the workers. Items
+        added by ``then`` go to the next free worker."""
+        gen = self._map(factory, work, list(items), on_done, then)
         return in_order(gen) if ordered else gen
 
     def _map(self, factory: WorkerFactory, work: Work, items: list[Any],
-             on_done: Callable[[Outcome[Any]], None] | None) -> Iterator[Outcome[Any]]:
+             on_done: Callable[[Outcome[Any]], None] | None, then: Then | None = None) -> Iterator[Outcome[Any]]:
         if not items:
             return
         ray = import_ray()
@@ -178,30 +182,37 @@ class RayEngine:
                 self._kept[key] = actors
         self.last_actors = actors
         inflight: dict[Any, tuple[int, Any]] = {}
+        load = [0] * len(actors)
         nxt = 0
 
-        def submit(actor: Any) -> None:
+        def fill() -> None:
+            # Round-robin over the actors, each kept up to queue_per_worker items ahead.
             nonlocal nxt
-            if nxt < len(items):
-                inflight[actor.run.remote(nxt, items[nxt])] = (nxt, actor)
-                nxt += 1
+            for _ in range(self.queue_per_worker):
+                for k, actor in enumerate(actors):
+                    if nxt < len(items) and load[k] < self.queue_per_worker:
+                        inflight[actor.run.remote(nxt, items[nxt])] = (nxt, k)
+                        load[k] += 1
+                        nxt += 1
 
         try:
-            for _ in range(self.queue_per_worker):
-                for a in actors:
-                    submit(a)
+            fill()
             while inflight:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 ref = ready[0]
-                index, actor = inflight.pop(ref)
+                index, k = inflight.pop(ref)
+                load[k] -= 1
                 try:
                     outcome = ray.get(ref)
+                    outcome.item = items[index]
                 except ray.exceptions.RayActorError as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     outcome = Outcome(index, items[index],
                                       error=f"{_describe_item(items[index])}: worker died "
                                             f"{self.max_retries + 1} times while processing it ({first})")
-                submit(actor)
+                if then is not None:
+                    items.extend(then(outcome))
+                fill()
                 if on_done is not None:
                     on_done(outcome)
                 yield outcome

@@ -2,6 +2,10 @@
 
 * :func:`run_video_job` -- one video through :func:`facepipe.video.process_video`
   (its outputs written atomically next to each other, completion marker last);
+* :func:`run_video_piece` -- the same, or one time segment of a long video
+  (:func:`facepipe.video.segments.analyse_segment`), or the join of a video's segments
+  and its outputs (:func:`facepipe.video.segments.finish_segments`); :func:`map_videos`
+  plans the pieces of a job's videos and runs them on an engine;
 * :func:`analyze_images` -- a shard of images loaded, detected, aligned and
   embedded in one batch by :meth:`facepipe.pipeline.FacePipeline.process_batch`;
   only boxes, embeddings and skip reasons come back (no crops), so results are
@@ -39,6 +43,161 @@ def run_video_job(analyzer: Any, job: VideoJob, progress: Callable[[str, int, in
 
     return process_video(job.path, job.outputs, analyzer, tracker=Tracker(**job.tracker),
                          on_progress=progress, **job.options)
+
+
+#: Keyword arguments of process_video that analysing a segment uses, and those its join uses.
+_ANALYSE_OPTIONS = ("stride", "batch_size", "embed_every", "shot_cut")
+_PUBLISH_OPTIONS = ("stride", "batch_size", "annotate", "unknown_weight", "settings", "reid_gap",
+                    "min_track_frames")
+
+
+@dataclass
+class SegmentJob:
+    """One time segment of a video job (see :mod:`facepipe.video.segments`)."""
+
+    job: VideoJob
+    segment: Any                      # facepipe.video.segments.Segment
+
+    @property
+    def path(self) -> Path:
+        """The video's path (for progress and error lines)."""
+        return self.job.path
+
+
+@dataclass
+class JoinJob:
+    """A video's segment results, to join and write as the video's outputs."""
+
+    job: VideoJob
+    results: list[Any]                # facepipe.video.segments.SegmentResult, in segment order
+    analysis_seconds: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        """The video's path (for progress and error lines)."""
+        return self.job.path
+
+
+def run_video_piece(analyzer: Any, piece: VideoJob | SegmentJob | JoinJob,
+                    progress: Callable[[str, int, int], None] | None = None) -> Any:
+    """A whole video (:func:`run_video_job`), one segment's
+    :class:`~facepipe.video.segments.SegmentResult`, or a joined video's
+    :class:`~facepipe.video.VideoResult`."""
+    from facepipe.video.segments import analyse_segment, finish_segments
+
+    if isinstance(piece, VideoJob):
+        return run_video_job(analyzer, piece, progress)
+    opts = piece.job.options
+    if isinstance(piece, SegmentJob):
+        return analyse_segment(piece.job.path, analyzer, piece.segment, piece.job.tracker, on_progress=progress,
+                               **{k: opts[k] for k in _ANALYSE_OPTIONS if k in opts})
+    return finish_segments(piece.job.path, piece.job.outputs, piece.results, on_progress=progress,
+                           analysis_seconds=piece.analysis_seconds,
+                           **{k: opts[k] for k in _PUBLISH_OPTIONS if k in opts})
+
+
+class _VideoPlan:
+    """Which pieces each video job is made of, and what to run when a piece finishes.
+    Pieces are known by their index in the engine's job (items the engine appends from
+    :meth:`then` get the next indices, in order)."""
+
+    def __init__(self, jobs: Sequence[VideoJob], segment_seconds: float, overlap_seconds: float) -> None:
+        from facepipe.video import probe_video
+        from facepipe.video.outputs import _remove
+        from facepipe.video.segments import plan_segments
+
+        self.jobs = list(jobs)
+        self.items: list[Any] = []
+        self.job_of: list[int] = []                 # piece index -> job index
+        self.results: dict[int, dict[int, Any]] = {}
+        self.count: dict[int, int] = {}
+        self.failed: set[int] = set()
+        for j, job in enumerate(self.jobs):
+            segments = []
+            if segment_seconds > 0:
+                try:
+                    info = probe_video(job.path)
+                except FacepipeError:
+                    info = None                     # the worker reports the problem, as locally
+                if info is not None:
+                    o = job.options
+                    align = int(o.get("stride", 1)) * int(o.get("batch_size", 16))
+                    segments = plan_segments(info.frame_count, info.fps, segment_seconds, overlap_seconds, align)
+            if len(segments) > 1:
+                _remove([job.outputs.marker])       # as process_video does before it starts
+                self.count[j] = len(segments)
+                self.results[j] = {}
+                for seg in segments:
+                    self._add(SegmentJob(job, seg), j)
+            else:
+                self._add(job, j)
+
+    def _add(self, piece: Any, j: int) -> Any:
+        self.job_of.append(j)
+        self.items.append(piece)
+        return piece
+
+    def then(self, outcome: Any) -> list[Any]:
+        """Pieces made possible by a finished one: the join of a video whose segments are all
+        in, or segments to decode again without seeking."""
+        from facepipe.video.segments import redo_without_seeking
+
+        piece = self.items[outcome.index]
+        j = self.job_of[outcome.index]
+        if not isinstance(piece, SegmentJob) or j in self.failed:
+            return []
+        if not outcome.ok:
+            self.failed.add(j)
+            return []
+        got = self.results[j]
+        got[piece.segment.index] = outcome.value
+        if len(got) < self.count[j] or any(v is None for v in got.values()):
+            return []
+        results = [got[k] for k in sorted(got)]
+        redo = redo_without_seeking(results)
+        if redo:
+            for seg in redo:
+                got[seg.index] = None               # being computed again
+            return [self._add(SegmentJob(self.jobs[j], seg), j) for seg in redo]
+        seconds = sum(r.seconds for r in results)
+        return [self._add(JoinJob(self.jobs[j], results, seconds), j)]
+
+    def video_outcome(self, outcome: Any, reported: set[int]) -> Any:
+        """The outcome of a video job when ``outcome`` finishes it (else ``None``); a video's
+        failure is reported once (``reported``: the videos already reported)."""
+        from facepipe.engine.base import Outcome
+
+        j = self.job_of[outcome.index]
+        if j in reported or (isinstance(self.items[outcome.index], SegmentJob) and outcome.ok):
+            return None
+        reported.add(j)
+        return Outcome(j, self.jobs[j], value=outcome.value, error=outcome.error)
+
+
+def map_videos(engine: Any, factory: Any, jobs: Sequence[VideoJob], *, segment_seconds: float = 0.0,
+               overlap_seconds: float = 5.0, on_done: Callable[[Any], None] | None = None,
+               on_piece: Callable[[Any], None] | None = None,
+               item_progress: Callable[[int, Any], Any] | None = None,
+               work: Callable[..., Any] | None = None) -> Iterator[Any]:
+    """One :class:`~facepipe.engine.base.Outcome` per video job (its ``index`` in ``jobs``,
+    ``value`` a :class:`~facepipe.video.VideoResult`), as videos finish on ``engine``.
+
+    A video longer than ``segment_seconds`` (0: none) is analysed in time segments with
+    ``overlap_seconds`` of warm-up each, as separate items spread over the workers, then
+    joined and written by one more item (:mod:`facepipe.video.segments`); its outputs are
+    the single pass's. ``on_piece(outcome)`` is called for every finished item (a
+    whole video, a segment, a join), ``on_done(outcome)`` for every finished video.
+    A video fails with the first error of any of its pieces. ``work``: the function run
+    for each piece (:func:`run_video_piece`; tests wrap it)."""
+    plan = _VideoPlan(jobs, segment_seconds, overlap_seconds)
+    reported: set[int] = set()
+    for outcome in engine.map(factory, work or run_video_piece, plan.items, on_done=on_piece,
+                              item_progress=item_progress, then=plan.then):
+        video = plan.video_outcome(outcome, reported)
+        if video is not None:
+            if on_done is not None:
+                on_done(video)
+            yield video
 
 
 @dataclass(frozen=True, eq=False)

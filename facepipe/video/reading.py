@@ -133,6 +133,12 @@ class Frame:
 _END = object()
 
 
+class SeekMismatch(VideoReadError):
+    """Decoding from a seek did not land on the frames a sequential decode numbers so (the
+    video's timestamps are irregular there, or it ended early after the seek): decode
+    from the start instead (``seek=False``)."""
+
+
 class VideoReader:
     """Decode a video in a background thread into batches of frames.
 
@@ -147,6 +153,20 @@ class VideoReader:
 
     Use as a context manager (or call :meth:`close`) so the thread stops when
     the consumer stops early.
+
+    A time segment of the video (:mod:`facepipe.video.segments`): ``start``/``stop``
+    give the frame range ``[start, stop)`` (``stop=None``: to the end); frames keep
+    their indices in the whole video, and the stride counts from frame 0, so a
+    segment's frames are numbered, timed and strided as in a whole-video read. With
+    ``seek`` the decoder jumps to ``start`` (OpenCV seeks to the keyframe before it
+    and decodes forward) and every frame's timestamp is checked against its index
+    (``round((t - t0) * fps) == index``, ``t0`` the first frame's time, and each step
+    from the frame before within half a frame period of ``1 / fps``): when one
+    does not fit, or the video ends before ``stop``, :class:`SeekMismatch` is raised
+    and the caller decodes from the start instead (``seek=False``: frames before
+    ``start`` are grabbed, not converted). ``irregular_at`` is the first frame whose
+    timestamp did not fit (``None``: all did), ``reached_stop`` whether decoding got
+    to ``stop``. The truncation check runs for whole-video reads only.
     """
 
     def __init__(
@@ -155,14 +175,22 @@ class VideoReader:
         batch_size: int = 16,
         stride: int = 1,
         queue_batches: int = 4,
+        start: int = 0,
+        stop: int | None = None,
+        seek: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"bad frame range [{start}, {stop})")
         self.path = Path(path)
         self.batch_size = int(batch_size)
         self.stride = int(stride)
+        self.start = int(start)
+        self.stop = None if stop is None else int(stop)
+        self.seek = bool(seek) and self.start > 0
         self._cap, self.info = _open_capture(path)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(queue_batches)))
         self._stop = threading.Event()
@@ -170,6 +198,8 @@ class VideoReader:
         self.frames_read = 0
         self.frames_decoded = 0
         self.decode_seconds = 0.0
+        self.irregular_at: int | None = None
+        self.reached_stop = False
 
     # -- thread side
     def _put(self, item: Any) -> bool:
@@ -181,6 +211,20 @@ class VideoReader:
                 continue
         return False
 
+    def _seek(self, cap: Any) -> float:
+        """Jump to ``start``; returns frame 0's time (the origin of the timestamp check)."""
+        import cv2
+
+        t0 = time.perf_counter()
+        if not cap.grab():
+            raise SeekMismatch(self.path, "no frame before seeking")
+        first = float(cap.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+        ok = cap.set(cv2.CAP_PROP_POS_FRAMES, self.start)
+        self.decode_seconds += time.perf_counter() - t0
+        if not ok or not np.isfinite(first) or self.info.fps <= 0:
+            raise SeekMismatch(self.path, f"cannot seek to frame {self.start}")
+        return first
+
     def _run(self) -> None:
         import cv2
 
@@ -191,16 +235,40 @@ class VideoReader:
         prev_t = -1.0
         try:
             index = 0
+            origin: float | None = None
+            if self.seek:
+                origin = self._seek(cap)
+                index = self.start
             while not self._stop.is_set():
+                if self.stop is not None and index >= self.stop:
+                    self.reached_stop = True
+                    break
                 t0 = time.perf_counter()
                 if not cap.grab():
                     self.decode_seconds += time.perf_counter() - t0
                     break
                 t = float(cap.get(cv2.CAP_PROP_POS_MSEC)) / 1000.0
+                if self.seek and index == self.start:
+                    if not np.isfinite(t):
+                        raise SeekMismatch(self.path, f"no timestamp after seeking to frame {self.start}")
+                    prev_t = t - 1.0 / fps          # the frame before is not decoded
                 if not np.isfinite(t) or (index > 0 and t <= prev_t):
                     # No usable timestamp: step by the average rate from the last one.
                     t = prev_t + (1.0 / fps if fps > 0 else 0.0) if index > 0 else 0.0
+                if origin is None:
+                    origin = t
+                if self.irregular_at is None and (
+                        fps <= 0 or round((t - origin) * fps) != index
+                        or (prev_t >= 0 and abs((t - prev_t) * fps - 1.0) > 0.5)):
+                    self.irregular_at = index
+                    if self.seek:
+                        raise SeekMismatch(self.path, f"frame {index} after seeking to {self.start} has time "
+                                                      f"{t:.4f} s (expected {origin + index / fps:.4f} s)")
                 prev_t = t
+                if index < self.start:                  # decoding from the start up to the segment
+                    self.decode_seconds += time.perf_counter() - t0
+                    index += 1
+                    continue
                 image = None
                 if index % self.stride == 0:
                     ok, bgr = cap.retrieve()
@@ -221,6 +289,11 @@ class VideoReader:
                     if not self._put(batch):
                         return
                     batch, decoded_in_batch = [], 0
+            if self.seek and not self.reached_stop and self.stop is not None and not self._stop.is_set():
+                raise SeekMismatch(self.path, f"ended at frame {index} after seeking to {self.start} "
+                                              f"(segment to {self.stop})")
+            if self.seek and index == self.start and not self._stop.is_set():
+                raise SeekMismatch(self.path, f"no frame after seeking to {self.start}")
             if batch and not self._put(batch):
                 return
             self._put(_END)
@@ -255,13 +328,9 @@ class VideoReader:
         self._check_complete()
 
     def _check_complete(self) -> None:
-        n, expected = self.frames_read, self.info.frame_count
-        if n == 0:
-            raise VideoReadError(self.path, "no frame could be decoded (corrupt or truncated video)")
-        if expected > 0 and n < expected * (1.0 - TRUNCATION_TOLERANCE) and expected - n > 1:
-            raise VideoReadError(
-                self.path, f"truncated or corrupt: decoded {n} of {expected} frames"
-            )
+        if self.start > 0 or self.stop is not None:
+            return      # a segment: the caller checks the whole video
+        check_frame_count(self.path, self.frames_read, self.info.frame_count)
 
     def close(self) -> None:
         """Stop the reader thread and release the decoder."""
@@ -277,6 +346,15 @@ class VideoReader:
         if self._cap is not None and (self._thread is None or not self._thread.is_alive()):
             self._cap.release()
             self._cap = None
+
+
+def check_frame_count(path: Path, n: int, expected: int) -> None:
+    """:class:`VideoReadError` when a video decoded to ``n`` frames is empty or stopped well
+    short of the ``expected`` frames its container declares (truncated or corrupt)."""
+    if n == 0:
+        raise VideoReadError(path, "no frame could be decoded (corrupt or truncated video)")
+    if expected > 0 and n < expected * (1.0 - TRUNCATION_TOLERANCE) and expected - n > 1:
+        raise VideoReadError(path, f"truncated or corrupt: decoded {n} of {expected} frames")
 
 
 def read_frames(path: str | os.PathLike[str], stride: int = 1) -> Iterator[Frame]:
