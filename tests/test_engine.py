@@ -87,3 +87,21 @@ def test_batch_summary_lists_each_failed_input_at_the_end(tmp_path: Path, astron
     # the same lines were reported as errors when they happened
     for ln in listed:
         assert f"facepipe: error: {ln.strip()}" in r.output
+
+
+def _tenfold(state: object, item: int, progress: object = None) -> int:
+    return item * 10
+
+
+def test_then_adds_items_to_a_running_job_on_worker_processes() -> None:
+    """What a finished item makes possible (a video's join after its segments) joins the job
+    (the single-process and Ray engines: tests/test_segments.py, tests/test_engine_ray.py)."""
+    engine = create_engine("local", workers=2)
+    try:
+        seen = []
+        out = list(engine.map(WorkerFactory(dict), _tenfold, [1, 2], on_done=seen.append,
+                              then=lambda o: [o.value] if o.value < 100 else []))
+    finally:
+        engine.close()
+    assert sorted(o.value for o in out) == [10, 20, 100, 200] and len(seen) == 4
+    assert all(o.item * 10 == o.value for o in out)          # each outcome names its own item

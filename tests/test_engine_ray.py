@@ -274,13 +274,15 @@ def test_long_video_in_segments_on_ray_writes_what_one_local_pass_writes(
                  "--engine", "ray", "--segment-seconds", "2", "--segment-overlap", "1.5"])
     assert r.exit_code == 0, r.output
     a, b = output_files(local), output_files(tmp_path / "ray")
-    assert sorted(a) == sorted(b) and "cross.mp4.annotated.mp4" in b
+    assert sorted(a) == sorted(b) and "cross.annotated.mp4" in b
     for k in a:
         if not k.endswith(".annotated.mp4"):        # re-encoded; compared through frames.jsonl
             assert a[k] == b[k], k
-    tracks = json.loads(b["cross.mp4.tracks.json"])["tracks"]  # type: ignore[arg-type]
-    assert [(t["first_frame"], t["last_frame"], t["identity"]) for t in tracks] == [
-        (0, 44, "eileen_collins"), (45, 69, "eileen_collins")]
+    summary = json.loads(b["cross.tracks.json"])  # type: ignore[arg-type]
+    assert summary["shot_cuts"] == 1
+    # one person: tracks joined across three segment boundaries, then across the cut (--reid-gap)
+    assert [(t["first_frame"], t["last_frame"], t["identity"]) for t in summary["tracks"]] == [
+        (0, 69, "eileen_collins")]
 
 
 def _kill_mid_segment(analyzer, piece, progress=None):  # type: ignore[no-untyped-def]
@@ -300,8 +302,9 @@ def _kill_mid_segment(analyzer, piece, progress=None):  # type: ignore[no-untype
 
 def test_a_worker_killed_mid_segment_still_gives_every_frame_once(
         ray_address: str, crossing: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from facepipe import defaults
     from facepipe.engine import WorkerFactory, create_engine
-    from facepipe.engine.work import JoinJob, SegmentJob, VideoJob, map_videos
+    from facepipe.engine.work import VideoJob, map_videos
     from facepipe.gallery import Gallery
     from facepipe.video import build_analyzer, output_paths
 
@@ -310,8 +313,10 @@ def test_a_worker_killed_mid_segment_still_gives_every_frame_once(
     out.mkdir()
     thr = float(Gallery.open(gallery).threshold)
     factory = WorkerFactory(build_analyzer, "haar", "untrained", gallery, "cpu", {"min_size": 40})
+    # the options `facepipe video` gives a job by default (the local run's)
     job = VideoJob(clip, output_paths(out, clip.name), {"max_gap_s": 1.0, "sim_min": thr},
-                   {"batch_size": 4, "annotate": False, "unknown_weight": thr, "shot_cut": 0.3, "settings": {}})
+                   {"batch_size": 4, "annotate": False, "unknown_weight": thr, "shot_cut": 0.3, "settings": {},
+                    "reid_gap": defaults.VIDEO_REID_GAP, "min_track_frames": defaults.VIDEO_MIN_TRACK_FRAMES})
     pieces: list[object] = []
     engine = create_engine("ray", workers=2)
     outcomes = list(map_videos(engine, factory, [job], segment_seconds=2.0, overlap_seconds=1.5,
@@ -322,6 +327,6 @@ def test_a_worker_killed_mid_segment_still_gives_every_frame_once(
     assert kinds == ["JoinJob"] + ["SegmentJob"] * 4              # each piece came back once
     recs = [json.loads(x) for x in job.outputs.frames.read_text().splitlines()]
     assert [r["frame"] for r in recs] == list(range(70))          # every frame exactly once
-    for name in ("cross.mp4.frames.jsonl", "cross.mp4.tracks.csv", "cross.mp4.tracks.json"):
+    for name in ("cross.frames.jsonl", "cross.tracks.csv", "cross.tracks.json"):
         assert (out / name).read_bytes() == (local / name).read_bytes(), name
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]   # no partial file left

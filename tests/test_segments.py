@@ -197,7 +197,8 @@ def test_segmented_video_writes_what_one_pass_writes(tmp_path: Path, astronaut: 
     assert kinds == ["VideoJob"] + ["SegmentJob"] * 4 + ["JoinJob"]
     a, b = output_files(tmp_path / "whole"), output_files(tmp_path / "seg")
     assert a == b
-    tracks = json.loads(b["cross.mp4.tracks.json"])["tracks"]  # type: ignore[arg-type]
+    tracks = json.loads(b["cross.tracks.json"])["tracks"]  # type: ignore[arg-type]
     # one track before the cut (frames 0-44, three segments), one after it
     assert [(t["first_frame"], t["last_frame"]) for t in tracks] == [(0, 44), (46, 68)]
     assert {t["identity"] for t in tracks} == {"eileen_collins"}
+

@@ -127,4 +127,4 @@ def reembed(gallery_dir: Path, out_dir: Path, detector_name: str | None, embedde
            f"{len(missing)} missing or unusable" + (f"; people left without a photo: {', '.join(lost)}" if lost else "")
            + f"; threshold {final.threshold:.4f} (tolerance {1 - final.threshold:.4f}, {final.mode}; "
            f"`facepipe gallery calibrate` refines it), {time.perf_counter() - t0:.1f}s", quiet)
-    raise SystemExit(tally.exit_code)
+    raise tally.done(quiet)
