@@ -324,7 +324,7 @@ def test_a_worker_killed_mid_segment_still_gives_every_frame_once(
     assert (out / "killed-once").is_file()                        # a worker really died mid-segment
     assert [o.ok for o in outcomes] == [True], [o.error for o in outcomes]
     kinds = sorted(type(p.item).__name__ for p in pieces)  # type: ignore[attr-defined]
-    assert kinds == ["JoinJob"] + ["SegmentJob"] * 4              # each piece came back once
+    assert kinds == ["JoinJob"] + ["SegmentJob"] * 4 + ["VideoJob"]   # each piece came back once
     recs = [json.loads(x) for x in job.outputs.frames.read_text().splitlines()]
     assert [r["frame"] for r in recs] == list(range(70))          # every frame exactly once
     for name in ("cross.frames.jsonl", "cross.tracks.csv", "cross.tracks.json"):

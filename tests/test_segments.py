@@ -194,7 +194,8 @@ def test_segmented_video_writes_what_one_pass_writes(tmp_path: Path, astronaut: 
         [o] = map_videos(LocalEngine(), factory, [job], on_piece=pieces.append, **segments)  # type: ignore[arg-type]
         assert o.ok, o.error
     kinds = [type(p.item).__name__ for p in pieces]  # type: ignore[attr-defined]
-    assert kinds == ["VideoJob"] + ["SegmentJob"] * 4 + ["JoinJob"]
+    # the whole pass; then the job, answered with its split, its four segments and their join
+    assert kinds == ["VideoJob"] + ["VideoJob"] + ["SegmentJob"] * 4 + ["JoinJob"]
     a, b = output_files(tmp_path / "whole"), output_files(tmp_path / "seg")
     assert a == b
     tracks = json.loads(b["cross.tracks.json"])["tracks"]  # type: ignore[arg-type]

@@ -33,6 +33,9 @@ class VideoJob:
     outputs: Any                      # facepipe.video.VideoOutputs
     tracker: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    #: ``(segment_seconds, overlap_seconds)``: a worker that finds the video longer than
+    #: 1.5 segments returns its :class:`Split` instead of processing it (see :func:`map_videos`).
+    segments: tuple[float, float] | None = None
 
 
 def run_video_job(analyzer: Any, job: VideoJob, progress: Callable[[str, int, int], None] | None = None) -> Any:
@@ -78,15 +81,39 @@ class JoinJob:
         return self.job.path
 
 
+@dataclass
+class Split:
+    """A video job's answer when the video is long enough for segments: their plan."""
+
+    segments: list[Any]               # facepipe.video.segments.Segment
+
+
+def _split(job: VideoJob) -> Split | None:
+    """The segments of a long video (``None``: process it whole; a video that cannot be
+    opened is left to :func:`run_video_job`, which reports it as locally)."""
+    from facepipe.video import probe_video
+    from facepipe.video.segments import plan_segments
+
+    if job.segments is None or job.segments[0] <= 0:
+        return None
+    try:
+        info = probe_video(job.path)
+    except FacepipeError:
+        return None
+    align = int(job.options.get("stride", 1)) * int(job.options.get("batch_size", 16))
+    plan = plan_segments(info.frame_count, info.fps, job.segments[0], job.segments[1], align)
+    return Split(plan) if len(plan) > 1 else None
+
+
 def run_video_piece(analyzer: Any, piece: VideoJob | SegmentJob | JoinJob,
                     progress: Callable[[str, int, int], None] | None = None) -> Any:
-    """A whole video (:func:`run_video_job`), one segment's
-    :class:`~facepipe.video.segments.SegmentResult`, or a joined video's
+    """A whole video (:func:`run_video_job`) or its :class:`Split` into segments, one
+    segment's :class:`~facepipe.video.segments.SegmentResult`, or a joined video's
     :class:`~facepipe.video.VideoResult`."""
     from facepipe.video.segments import analyse_segment, finish_segments
 
     if isinstance(piece, VideoJob):
-        return run_video_job(analyzer, piece, progress)
+        return _split(piece) or run_video_job(analyzer, piece, progress)
     opts = piece.job.options
     if isinstance(piece, SegmentJob):
         return analyse_segment(piece.job.path, analyzer, piece.segment, piece.job.tracker, on_progress=progress,
@@ -102,35 +129,15 @@ class _VideoPlan:
     :meth:`then` get the next indices, in order)."""
 
     def __init__(self, jobs: Sequence[VideoJob], segment_seconds: float, overlap_seconds: float) -> None:
-        from facepipe.video import probe_video
-        from facepipe.video.outputs import _remove
-        from facepipe.video.segments import plan_segments
+        from dataclasses import replace
 
-        self.jobs = list(jobs)
-        self.items: list[Any] = []
-        self.job_of: list[int] = []                 # piece index -> job index
+        segments = (float(segment_seconds), float(overlap_seconds)) if segment_seconds > 0 else None
+        self.jobs = [replace(job, segments=segments) for job in jobs]
+        self.items: list[Any] = list(self.jobs)
+        self.job_of: list[int] = list(range(len(self.jobs)))     # piece index -> job index
         self.results: dict[int, dict[int, Any]] = {}
         self.count: dict[int, int] = {}
         self.failed: set[int] = set()
-        for j, job in enumerate(self.jobs):
-            segments = []
-            if segment_seconds > 0:
-                try:
-                    info = probe_video(job.path)
-                except FacepipeError:
-                    info = None                     # the worker reports the problem, as locally
-                if info is not None:
-                    o = job.options
-                    align = int(o.get("stride", 1)) * int(o.get("batch_size", 16))
-                    segments = plan_segments(info.frame_count, info.fps, segment_seconds, overlap_seconds, align)
-            if len(segments) > 1:
-                _remove([job.outputs.marker])       # as process_video does before it starts
-                self.count[j] = len(segments)
-                self.results[j] = {}
-                for seg in segments:
-                    self._add(SegmentJob(job, seg), j)
-            else:
-                self._add(job, j)
 
     def _add(self, piece: Any, j: int) -> Any:
         self.job_of.append(j)
@@ -138,12 +145,19 @@ class _VideoPlan:
         return piece
 
     def then(self, outcome: Any) -> list[Any]:
-        """Pieces made possible by a finished one: the join of a video whose segments are all
-        in, or segments to decode again without seeking."""
+        """Pieces made possible by a finished one: the segments of a video found long, the
+        join of a video whose segments are all in, or segments to decode again without
+        seeking."""
+        from facepipe.video.outputs import _remove
         from facepipe.video.segments import redo_without_seeking
 
         piece = self.items[outcome.index]
         j = self.job_of[outcome.index]
+        if isinstance(piece, VideoJob) and outcome.ok and isinstance(outcome.value, Split):
+            _remove([piece.outputs.marker])         # as process_video does before it starts
+            self.count[j] = len(outcome.value.segments)
+            self.results[j] = {}
+            return [self._add(SegmentJob(piece, seg), j) for seg in outcome.value.segments]
         if not isinstance(piece, SegmentJob) or j in self.failed:
             return []
         if not outcome.ok:
@@ -168,7 +182,8 @@ class _VideoPlan:
         from facepipe.engine.base import Outcome
 
         j = self.job_of[outcome.index]
-        if j in reported or (isinstance(self.items[outcome.index], SegmentJob) and outcome.ok):
+        piece = self.items[outcome.index]
+        if j in reported or (outcome.ok and (isinstance(piece, SegmentJob) or isinstance(outcome.value, Split))):
             return None
         reported.add(j)
         return Outcome(j, self.jobs[j], value=outcome.value, error=outcome.error)
@@ -182,10 +197,11 @@ def map_videos(engine: Any, factory: Any, jobs: Sequence[VideoJob], *, segment_s
     """One :class:`~facepipe.engine.base.Outcome` per video job (its ``index`` in ``jobs``,
     ``value`` a :class:`~facepipe.video.VideoResult`), as videos finish on ``engine``.
 
-    A video longer than ``segment_seconds`` (0: none) is analysed in time segments with
-    ``overlap_seconds`` of warm-up each, as separate items spread over the workers, then
-    joined and written by one more item (:mod:`facepipe.video.segments`); its outputs are
-    the single pass's. ``on_piece(outcome)`` is called for every finished item (a
+    A video longer than 1.5 ``segment_seconds`` (0: none) is analysed in time segments
+    with ``overlap_seconds`` of warm-up each, as separate items spread over the workers,
+    then joined and written by one more item (:mod:`facepipe.video.segments`); its
+    outputs are the single pass's. The worker that gets a video finds its length (the
+    driver opens no video), and answers a long one with its :class:`Split`. ``on_piece(outcome)`` is called for every finished item (a
     whole video, a segment, a join), ``on_done(outcome)`` for every finished video.
     A video fails with the first error of any of its pieces. ``work``: the function run
     for each piece (:func:`run_video_piece`; tests wrap it)."""
