@@ -85,9 +85,28 @@ def seek_cost(path: Path, fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> l
     return rows
 
 
+def _timed_piece(analyzer: Any, piece: Any, progress: Any = None) -> Any:
+    """:func:`facepipe.engine.work.run_video_piece`, adding the CPU seconds its process spent
+    on it (all threads: the decoder's too) to the result's timings as ``cpu``. A worker
+    runs one piece at a time, so the process's usage over the call is the piece's."""
+    import resource
+
+    from facepipe.engine.work import Split, run_video_piece
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    c0 = cpu()
+    value = run_video_piece(analyzer, piece, progress)
+    if not isinstance(value, Split):
+        value.timings["cpu"] = cpu() - c0
+    return value
+
+
 def run(engine: Any, clip: Path, out: Path, segment_seconds: float, overlap: float, stride: int,
         detector: str, embedder: str | None) -> dict[str, Any]:
-    """The clip through ``engine``: wall time, frames/s, pieces and their seconds."""
+    """The clip through ``engine``: wall time, frames/s, CPU seconds, pieces and their seconds."""
     from facepipe.engine import WorkerFactory
     from facepipe.engine.work import JoinJob, SegmentJob, VideoJob, map_videos
     from facepipe.video import build_analyzer, output_paths
@@ -100,13 +119,14 @@ def run(engine: Any, clip: Path, out: Path, segment_seconds: float, overlap: flo
     pieces: list[Any] = []
     t0 = time.perf_counter()
     [o] = list(map_videos(engine, factory, [job], segment_seconds=segment_seconds, overlap_seconds=overlap,
-                          on_piece=lambda p: pieces.append((time.perf_counter() - t0, p))))
+                          on_piece=lambda p: pieces.append((time.perf_counter() - t0, p)), work=_timed_piece))
     wall = time.perf_counter() - t0
     if not o.ok:
         raise RuntimeError(o.error)
     segs = [p for _, p in pieces if isinstance(p.item, SegmentJob)]
     joins = [(t, p) for t, p in pieces if isinstance(p.item, JoinJob)]
-    row: dict[str, Any] = {"segments": len(segs), "wall_s": round(wall, 2),
+    cpu = sum(p.value.timings.get("cpu", 0.0) for _, p in pieces if p.ok and hasattr(p.value, "timings"))
+    row: dict[str, Any] = {"segments": len(segs), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                            "annotate_s": round(o.value.timings.get("annotate", 0.0), 2),
                            "frames_per_s": round(o.value.frames / wall, 2), "frames": o.value.frames,
                            "tracks": len(o.value.tracks)}
@@ -139,6 +159,7 @@ def main() -> None:
     ap.add_argument("--detector", default="haar")
     ap.add_argument("--embedder", default=None, help="e.g. 'untrained' (the default network's cost)")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--rounds", type=int, default=2, help="repeat every configuration, interleaved")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -163,20 +184,25 @@ def main() -> None:
         res["seek"] = seek_cost(clip)
         print(json.dumps(res["seek"]), file=sys.stderr)
         common = (args.stride, args.detector, args.embedder)
-        row = {"engine": "local", **run(LocalEngine(), clip, tmpd / "local", 0.0, args.overlap, *common)}
-        res["runs"].append(row)
-        print(json.dumps(row), file=sys.stderr)
         ray.init(num_cpus=os.cpu_count(), object_store_memory=256 * 1024 * 1024, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # _timed_piece, for the workers
         try:
-            for w in [int(x) for x in args.workers.split(",") if x]:
-                eng = create_engine("ray", workers=w, device="cpu")
-                out = tmpd / f"ray{w}"
-                row = {"engine": f"ray-{w}", **run(eng, clip, out, args.segment_seconds, args.overlap, *common)}
-                row["same_outputs_as_local"] = same_outputs(tmpd / "local", out)
-                row["speedup_vs_local"] = round(res["runs"][0]["wall_s"] / row["wall_s"], 3)
+            for k in range(args.rounds):
+                row = {"engine": "local", "round": k, "load_avg": os.getloadavg()[0],
+                       **run(LocalEngine(), clip, tmpd / "local", 0.0, args.overlap, *common)}
                 res["runs"].append(row)
+                local_wall = row["wall_s"]
                 print(json.dumps(row), file=sys.stderr)
+                for w in [int(x) for x in args.workers.split(",") if x]:
+                    eng = create_engine("ray", workers=w, device="cpu")
+                    out = tmpd / f"ray{w}"
+                    row = {"engine": f"ray-{w}", "round": k, "load_avg": os.getloadavg()[0],
+                           **run(eng, clip, out, args.segment_seconds, args.overlap, *common)}
+                    row["same_outputs_as_local"] = same_outputs(tmpd / "local", out)
+                    row["speedup_vs_local_same_round"] = round(local_wall / row["wall_s"], 3)
+                    res["runs"].append(row)
+                    print(json.dumps(row), file=sys.stderr)
         finally:
             ray.shutdown()
     res["load_avg_at_end"] = os.getloadavg()

@@ -289,8 +289,8 @@ def _kill_mid_segment(analyzer, piece, progress=None):  # type: ignore[no-untype
     """Run a piece of a video, but kill this worker half-way through segment 1, the first time."""
     from facepipe.engine.work import SegmentJob, run_video_piece
 
-    flag = piece.job.outputs.marker.parent / "killed-once"
-    if isinstance(piece, SegmentJob) and piece.segment.index == 1 and not flag.exists():
+    flag = piece.job.outputs.marker.parent / "killed-once" if isinstance(piece, SegmentJob) else None
+    if flag is not None and piece.segment.index == 1 and not flag.exists():
         middle = (piece.segment.start + piece.segment.stop) // 2
 
         def progress(phase: str, done: int, total: int) -> None:  # noqa: F811

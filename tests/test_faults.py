@@ -170,17 +170,34 @@ def no_traceback(r: Result) -> None:
     assert "Traceback" not in r.stdout and "Traceback" not in r.stderr
 
 
+def split_failure_list(stderr: str) -> tuple[list[str], list[str]]:
+    """stderr's lines as the run went, and the closing list of failed inputs that ends a
+    batch run's summary ("facepipe: N input(s) failed:" then one indented line each)."""
+    import re
+
+    lines = stderr.splitlines()
+    for i, ln in enumerate(lines):
+        if re.fullmatch(r"facepipe: \d+ input\(s\) failed:", ln):
+            return lines[:i], [x.strip() for x in lines[i + 1:] if x.startswith("  ")]
+    return lines, []
+
+
 def lines_naming(stderr: str, name: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if name in ln]
+    """The lines naming ``name`` as the run went (the closing failure list aside)."""
+    return [ln for ln in split_failure_list(stderr)[0] if name in ln]
 
 
 def assert_reported_once(stderr: str, name: str, problem: str) -> None:
-    """Exactly one stderr line names ``name`` and it says ``problem`` (a regex)."""
+    """Exactly one stderr line names ``name`` as the run goes and it says ``problem`` (a
+    regex); the closing failure list, when there is one, repeats that line's problem once."""
     import re
 
     found = lines_naming(stderr, name)
     assert len(found) == 1, f"{name}: expected one line, got {found}\n{stderr}"
     assert re.search(problem, found[0].lower()), found[0]
+    listed = [ln for ln in split_failure_list(stderr)[1] if name in ln]
+    if "error:" in found[0] and split_failure_list(stderr)[1]:
+        assert len(listed) == 1 and found[0].endswith(listed[0]), (found, listed)
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -380,11 +380,12 @@ def stitch_segments(path: str | os.PathLike[str], results: Sequence[SegmentResul
                 chains.append([(k, tid)])
             chain_of[(k, tid)] = c
     # Ids in the order a single pass creates tracks: first frame, then place in that frame.
+    by_frame = [{x["frame"]: x for x in r.records} for r in used]
     order: list[tuple[int, int, int]] = []
     for c, parts in enumerate(chains):
         k, tid = parts[0]
         part = used[k].parts[tid]
-        rec = next(x for x in used[k].records if x["frame"] == part.first_frame)
+        rec = by_frame[k][part.first_frame]
         place = next(j for j, f in enumerate(rec["faces"]) if f["track"] == tid)
         order.append((part.first_frame, place, c))
     final = {c: i for i, (_, _, c) in enumerate(sorted(order), 1)}
