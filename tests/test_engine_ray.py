@@ -280,9 +280,10 @@ def test_long_video_in_segments_on_ray_writes_what_one_local_pass_writes(
             assert a[k] == b[k], k
     summary = json.loads(b["cross.tracks.json"])  # type: ignore[arg-type]
     assert summary["shot_cuts"] == 1
-    # one person: tracks joined across three segment boundaries, then across the cut (--reid-gap)
+    # one track across three segment boundaries up to the cut, one after it (re-identification
+    # stays within a shot), both named
     assert [(t["first_frame"], t["last_frame"], t["identity"]) for t in summary["tracks"]] == [
-        (0, 69, "eileen_collins")]
+        (0, 44, "eileen_collins"), (45, 69, "eileen_collins")]
 
 
 def _kill_mid_segment(analyzer, piece, progress=None):  # type: ignore[no-untyped-def]

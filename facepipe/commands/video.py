@@ -121,11 +121,11 @@ def _quiet_decoder_logs(verbose: int) -> None:
                                       "instead of one per unbroken run of detections. 0 disables it.")
 @click.option("--min-track-frames", type=click.IntRange(min=1), default=defaults.VIDEO_MIN_TRACK_FRAMES,
               show_default=True, help="Drop tracks seen in fewer analysed frames (spurious detections).")
-@click.option("--segment-seconds", type=click.FloatRange(min=0.0), default=None,
+@click.option("--segment-seconds", type=FiniteFloat(min=0.0), default=None,
               help="Analyse a video longer than 1.5x this many seconds in time segments, as parallel items "
               "joined into the same outputs as one pass (tracks continue across segments). "
               "0: never. [600 when the engine has more than one worker, else 0]")
-@click.option("--segment-overlap", type=click.FloatRange(min=0.0), default=5.0, show_default=True,
+@click.option("--segment-overlap", type=FiniteFloat(min=0.0), default=5.0, show_default=True,
               help="Seconds each segment decodes before its start to bring its tracker up to date "
               "(must exceed --max-gap; with the automatic --segment-seconds, raised to --max-gap + 1).")
 @engine_options

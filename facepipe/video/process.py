@@ -150,11 +150,12 @@ def track_frames(
     analysed_before: int = 0,
     timings: dict[str, float] | None = None,
     on_progress: ProgressFn | None = None,
-) -> Iterator[tuple[Frame, dict[str, Any]]]:
-    """Detect, embed and track the frames ``reader`` gives: ``(frame, record)`` for every
-    frame in order. An analysed frame's record has its faces with the tracker's ids
-    (names and interpolation come later); a frame skipped by the stride has
-    ``"analysed": false`` and no faces yet. ``analysed_before``: analysed frames of the
+) -> Iterator[tuple[Frame, dict[str, Any], int]]:
+    """Detect, embed and track the frames ``reader`` gives: ``(frame, record, detected)`` for
+    every frame in order. An analysed frame's record has its faces with the tracker's ids
+    (names and interpolation come later; nested duplicate boxes suppressed), ``detected``
+    the detector's boxes before that (the count completion markers report); a frame
+    skipped by the stride has ``"analysed": false``, no faces yet and 0 detected. ``analysed_before``: analysed frames of the
     video before the reader's first frame (a segment's place in the ``embed_every``
     rhythm). ``timings["track"]`` accumulates the tracking time. See :func:`process_video`."""
     det_name = str(getattr(analyzer.detector, "name", ""))
@@ -189,9 +190,12 @@ def track_frames(
         for fr in batch:
             rec: dict[str, Any] = {"frame": fr.index, "time": round(fr.time, 4),
                                    "analysed": fr.image is not None, "faces": []}
+            detected = 0
             if fr.image is not None:
                 t0 = time.perf_counter()
-                obs = suppress_duplicates(next(observations))
+                found = next(observations)
+                detected = len(found)
+                obs = suppress_duplicates(found)
                 if fr.index in cut_at:
                     tracker.cut()
                     rec["cut"] = True
@@ -200,7 +204,7 @@ def track_frames(
                                 for i, o in zip(ids, obs)]
                 analysed += 1
                 t_track += time.perf_counter() - t0
-            yield fr, rec
+            yield fr, rec, detected
         if on_progress is not None:
             on_progress("analyse", batch[-1].index + 1, max(total, batch[-1].index + 1))
     if timings is not None:
@@ -296,8 +300,8 @@ def process_video(
             prev_rec: dict[str, Any] | None = None
             pending: list[dict[str, Any]] = []
             with open_raw(raw) as raw_f:
-                for fr, rec in track_frames(reader, analyzer, tracker, embed_every=embed_every,
-                                            shot_cut=shot_cut, timings=timings, on_progress=on_progress):
+                for fr, rec, _ in track_frames(reader, analyzer, tracker, embed_every=embed_every,
+                                               shot_cut=shot_cut, timings=timings, on_progress=on_progress):
                     if not rec["analysed"]:
                         pending.append(rec)
                         continue

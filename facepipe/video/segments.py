@@ -220,8 +220,9 @@ def _analyse(path: Path, analyzer: FrameAnalyzer, seg: Segment, tracker_kw: dict
                      seek=seek) as reader:
         # Analysed frames before the warm-up: its place in the --embed-every rhythm.
         before = -(-seg.warm // stride)
-        for fr, rec in track_frames(reader, analyzer, tracker, embed_every=embed_every, shot_cut=shot_cut,
-                                    analysed_before=before, timings=timings, on_progress=on_progress):
+        for fr, rec, detected in track_frames(reader, analyzer, tracker, embed_every=embed_every,
+                                              shot_cut=shot_cut, analysed_before=before, timings=timings,
+                                              on_progress=on_progress):
             if fr.index < seg.start:
                 if rec["analysed"]:
                     warm.append(rec)
@@ -229,7 +230,7 @@ def _analyse(path: Path, analyzer: FrameAnalyzer, seg: Segment, tracker_kw: dict
             records.append(rec)
             if rec.get("cut"):
                 cut_times.append(fr.time)
-            faces += len(rec["faces"])
+            faces += detected
         timings["decode"] = reader.decode_seconds
     for s in ("detect", "align", "embed", "search"):
         timings[s] = analyzer.timings[s] - det0.get(s, 0.0)
