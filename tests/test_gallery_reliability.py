@@ -137,9 +137,11 @@ MAINTAINER = textwrap.dedent("""
     _wa, _wi = S._write_atomic, faiss.write_index
     def announce_wa(path, data):
         print("@@ writing", path.name, flush=True)
+        sys.stdin.readline()  # the test answers (go on) or kills: no race with the write
         _wa(path, data)
     def announce_wi(index, path):
         print("@@ writing", "index", flush=True)
+        sys.stdin.readline()
         _wi(index, path)
     S._write_atomic, faiss.write_index = announce_wa, announce_wi
     class Emb:
@@ -162,14 +164,17 @@ MAINTAINER = textwrap.dedent("""
 """)
 
 
-def _spawn_maintainer(directory: Path, op: str, steps: int, dim: int, impostors: Path | None = None
-                      ) -> subprocess.Popen:
+def _spawn_maintainer(directory: Path, op: str, steps: int, dim: int, impostors: Path | None = None,
+                      gated: bool = False) -> subprocess.Popen:
+    """``gated``: every write waits for a line on stdin (see ``_kill_at``); otherwise stdin is
+    empty and writes go straight on."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     args = [sys.executable, "-c", MAINTAINER, str(directory), op, str(steps), str(dim)]
     if impostors is not None:
         args.append(str(impostors))
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(args, stdin=subprocess.PIPE if gated else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _seed_gallery(directory: Path, people: list[str], per: int, dim: int) -> None:
@@ -201,8 +206,12 @@ def _kill_at(proc: subprocess.Popen, step: int, stage: str) -> int:
             elif word == "step":
                 current = int(what)
             elif word == "writing" and current == step and what.startswith(stage):
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(signal.SIGKILL)  # the child waits for our answer before writing
                 break
+            elif word == "writing":
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -217,7 +226,7 @@ def test_sigkill_during_gallery_remove_keeps_previous_gallery(tmp_path: Path, st
     per, dim = 3000, 64
     people = [f"r-{i:03d}" for i in range(6)] + ["keep"]
     _seed_gallery(tmp_path, people, per, dim)
-    committed = _kill_at(_spawn_maintainer(tmp_path, "remove", 5, dim), 2, stage)
+    committed = _kill_at(_spawn_maintainer(tmp_path, "remove", 5, dim, gated=True), 2, stage)
     assert committed == 1
     g = _check_consistent(tmp_path, per)
     # the removal being written when killed was never published
@@ -234,7 +243,7 @@ def test_sigkill_during_gallery_calibrate_keeps_previous_threshold(tmp_path: Pat
     per, dim = 2000, 64
     g_dir, imp = tmp_path / "g", _impostor_folder(tmp_path / "strangers", 20)
     _seed_gallery(g_dir, ["ada", "bob"], per, dim)
-    committed = _kill_at(_spawn_maintainer(g_dir, "calibrate", 4, dim, imp), 2, stage)
+    committed = _kill_at(_spawn_maintainer(g_dir, "calibrate", 4, dim, imp, gated=True), 2, stage)
     assert committed == 1
     g = _check_consistent(g_dir, per)
     cal = g.manifest["decision"]["calibration"]
