@@ -120,6 +120,30 @@ def test_enroll_derives_the_threshold_from_the_impostor_model(tmp_path: Path, ph
     assert info["impostor_model"]["pairs"] == with_model.n_pairs
 
 
+def test_identify_says_which_threshold_and_fpir_are_in_force(tmp_path: Path, photos: dict[str, Path],
+                                                             with_model: ImpostorModel) -> None:
+    g = tmp_path / "g"
+    assert run("enroll", "-g", g, *MODEL, "ada", photos["a1"], photos["a2"]).exit_code == 0
+    assert run("enroll", "-g", g, *MODEL, "bob", photos["b1"]).exit_code == 0
+    thr = manifest(g)["decision"]["threshold"]
+    r = run("identify", "-g", g, *MODEL, "--format", "jsonl", photos["a3"], photos["b1"])
+    assert r.exit_code == 0, r.stderr
+    faces = [f for line in r.stdout.splitlines() for f in json.loads(line)["faces"]]
+    assert faces
+    for f in faces:
+        assert f["threshold_mode"] == "auto" and f["target_fpir"] == 0.01
+        assert f["threshold"] == pytest.approx(thr, abs=1e-4)
+        assert f["expected_fpir"] == pytest.approx(with_model.expected_fpir(thr, 3), rel=1e-3)
+    assert "auto, target FPIR 1%, expected FPIR" in r.stderr and "over 3 comparisons" in r.stderr
+    # a tolerance for one run: no target any more, and the FPIR the model expects at it
+    r = run("identify", "-g", g, *MODEL, "--format", "jsonl", "--tolerance", "0.9", photos["a3"])
+    assert r.exit_code == 0, r.stderr
+    f = json.loads(r.stdout.splitlines()[0])["faces"][0]
+    assert f["threshold_mode"] == "override" and f["target_fpir"] is None
+    assert f["expected_fpir"] == pytest.approx(with_model.expected_fpir(0.1, 3), rel=1e-3)
+    assert f["expected_fpir"] > 0.01
+
+
 def test_a_fixed_threshold_stays_fixed(tmp_path: Path, photos: dict[str, Path], with_model: ImpostorModel) -> None:
     g = tmp_path / "g"
     assert run("enroll", "-g", g, *MODEL, "--threshold", "0.7", "ada", photos["a1"]).exit_code == 0

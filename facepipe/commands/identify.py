@@ -129,6 +129,11 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
     if not quiet and len(gallery) == 0:
         report(f"facepipe: warning: gallery {gallery_dir} is empty; every face will be unknown")
     thr = resolve_threshold(gallery.threshold, tolerance, threshold)
+    try:
+        op = gallery.operating_point(thr)
+    except FacepipeError as exc:
+        raise fail(exc) from exc
+    rule = {"threshold_mode": op["mode"], "target_fpir": op["target_fpir"], "expected_fpir": op["expected_fpir"]}
 
     tally = BatchTally()
     files = expand_inputs(paths, tally)
@@ -178,7 +183,7 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
                 continue
             faces = []
             for face, v in zip(result.faces, verdicts):
-                faces.append({**face.detection.to_dict(), **v.to_dict(top_k)})
+                faces.append({**face.detection.to_dict(), **v.to_dict(top_k), **rule})
             writer.record({
                 "path": path_str, "width": result.width, "height": result.height,
                 "faces": faces,
@@ -194,8 +199,19 @@ def identify(paths: tuple[str, ...], gallery_dir: Path, tolerance: float | None,
         report(f"facepipe: {tally.ok} image(s), {tally.items} face(s): {known} identified, {unknown} unknown"
                + (f" ({ambiguous} near-ties)" if ambiguous else "")
                + f"; {tally.failed} failed; tolerance {1.0 - thr:.4f} (distance; similarity threshold "
-               f"{thr:.4f}); search on {where}; {elapsed:.1f}s", quiet)
+               f"{thr:.4f}; {_rule_text(op)}); search on {where}; {elapsed:.1f}s", quiet)
     raise tally.done(quiet)
+
+
+def _rule_text(op: dict[str, Any]) -> str:
+    """How the threshold in force was set, in words: its mode, the FPIR it aims at and the
+    FPIR the embedder's impostor model expects at it for this gallery's size."""
+    words = f"{op['mode']}"
+    if op["target_fpir"] is not None:
+        words += f", target FPIR {100 * op['target_fpir']:g}%"
+    if op["expected_fpir"] is not None:
+        words += f", expected FPIR {100 * op['expected_fpir']:.2g}% over {op['n_comparisons']} comparisons"
+    return words
 
 
 def _annotate(out_dir: Path, relative: Path, used: set[Path], image: Any, result: Any, verdicts: list[Any]) -> None:

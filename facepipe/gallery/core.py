@@ -120,17 +120,23 @@ class Gallery:
         (``max`` aggregation) or people (``mean``), at least 1."""
         return comparisons(self.aggregation[0], len(self), len(self.people()))
 
-    def operating_point(self) -> dict[str, Any]:
+    def operating_point(self, threshold: float | None = None) -> dict[str, Any]:
         """The decision rule in force, for outputs: ``threshold`` (similarity), ``tolerance``
         (``1 − threshold``), ``mode``, ``target_fpir``, ``n_comparisons`` and, when the gallery
-        has an impostor model, ``expected_fpir`` (the model's estimate at this threshold)."""
+        has an impostor model, ``expected_fpir`` (the model's estimate at this threshold).
+
+        ``threshold`` given (a user's ``--tolerance`` for one run) overrides the gallery's:
+        mode ``override``, no target, and the FPIR the impostor model expects at it."""
         model = self.impostor_model
         n = self.n_comparisons
+        override = threshold is not None and float(threshold) != self.threshold
+        thr = float(threshold) if override else self.threshold
         out: dict[str, Any] = {
-            "threshold": round(self.threshold, 6), "tolerance": round(1.0 - self.threshold, 6),
-            "mode": self.mode, "target_fpir": self.target_fpir, "n_comparisons": n,
+            "threshold": round(thr, 6), "tolerance": round(1.0 - thr, 6),
+            "mode": "override" if override else self.mode,
+            "target_fpir": None if override else self.target_fpir, "n_comparisons": n,
             "aggregation": self.aggregation[0],
-            "expected_fpir": None if model is None else round(model.expected_fpir(self.threshold, n), 6),
+            "expected_fpir": None if model is None else round(model.expected_fpir(thr, n), 6),
         }
         return out
 
