@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 HAAR_BASED = ("haar", "haar+cnn")
 #: the one detector without a network, and so without a ``device`` option
 CPU_ONLY_DETECTORS = ("haar",)
+#: detectors with no image-pyramid step to set (MTCNN's factor is fixed; cnn and RetinaFace run once per image)
+SINGLE_PASS_DETECTORS = ("mtcnn", "cnn", "retinaface")
 
 
 def build_detector(
@@ -45,8 +47,9 @@ def build_detector(
         "cascade": (cascade or defaults.CASCADE) if haar_based else None,
         "device": device if name not in CPU_ONLY_DETECTORS else None,
         "min_size": min_size,
-        # the CNN's pyramid step is its own option name; MTCNN has a fixed factor
-        ("scale_step" if name in ("cnn", "cnn-pyramid") else "scale_factor"): scale_factor if name != "mtcnn" else None,
+        # the pyramid CNN's step is its own option name; the single-pass detectors have no pyramid
+        ("scale_step" if name == "cnn-pyramid" else "scale_factor"):
+            scale_factor if name not in SINGLE_PASS_DETECTORS else None,
         "min_neighbors": min_neighbors if haar_based else None,
     }
     kwargs = {k: v for k, v in options.items() if v is not None}

@@ -269,3 +269,88 @@ def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(ast
     assert ck.meta["steps"] == 12 and ck.meta["init"]["stride8_trunk_and_head"].startswith("face_classifier")
     assert not (tmp_path / "run" / "state.pt").exists()  # the resumable state is removed when done
     FPNDetector(path, device="cpu").detect(astronaut)
+
+
+# --------------------------------------------------------------------------- the shipped detector
+
+
+@pytest.fixture(scope="module")
+def shipped() -> FPNDetector:
+    return FPNDetector(device="cpu")
+
+
+def test_shipped_detector_is_package_data_and_says_how_its_threshold_was_chosen(shipped: FPNDetector) -> None:
+    from facepipe.detect.fpn import resolve_detector_weights
+
+    assert resolve_detector_weights("default").is_file()
+    cal = shipped.ckpt.calibration
+    assert shipped.threshold == shipped.ckpt.threshold == cal["threshold"]
+    assert "development" in cal["rule"] and cal["dev_images"] > 100
+    assert shipped.ckpt.meta["init"]["stride8_trunk_and_head"].startswith("face_classifier")
+
+
+def test_shipped_detector_finds_the_astronaut_once_with_landmarks_near_mtcnn(shipped: FPNDetector,
+                                                                          astronaut: np.ndarray) -> None:
+    from facepipe.types import Box
+
+    faces = shipped.detect(astronaut)
+    head = Box(*hays_boxes(ASTRONAUT_LANDMARKS[None])[0])
+    on_face = [f for f in faces if f.box.iou(head) >= 0.3]
+    assert len(on_face) == 1, faces  # NMS: no duplicate boxes on the one face
+    f = on_face[0]
+    assert f.box.iou(head) >= 0.6 and f.score >= shipped.threshold
+    lm = f.landmarks_array()
+    assert ((lm[:, 0] > f.box.x) & (lm[:, 0] < f.box.x2) & (lm[:, 1] > f.box.y) & (lm[:, 1] < f.box.y2)).all()
+    iod = np.linalg.norm(ASTRONAUT_LANDMARKS[0] - ASTRONAUT_LANDMARKS[1])
+    assert np.linalg.norm(lm - ASTRONAUT_LANDMARKS, axis=1).mean() / iod < 0.1
+    assert len(faces) <= 2  # precise operating point: at most one stray box on this photo
+
+
+def test_shipped_detector_on_tiny_and_blank_images(shipped: FPNDetector) -> None:
+    for k in (1, 5, 11):
+        assert shipped.detect(np.zeros((k, k, 3), np.uint8)) == []
+        assert shipped.detect(np.full((k, k, 3), 200, np.uint8)) == []
+    assert shipped.detect(np.full((240, 320, 3), 128, np.uint8)) == []
+
+
+def test_shipped_detector_batched_equals_single(shipped: FPNDetector, astronaut: np.ndarray) -> None:
+    import cv2
+
+    imgs = [astronaut, astronaut[:, ::-1].copy(), cv2.resize(astronaut, (300, 300))]
+    batch = shipped.detect_batch([imgs[0], imgs[1], imgs[0]])
+    single = [shipped.detect(im) for im in imgs]
+    for got, ref in zip(batch, [single[0], single[1], single[0]]):
+        assert [round(d.score, 5) for d in got] == [round(d.score, 5) for d in ref]
+        for a, b in zip(got, ref):
+            assert a.box.iou(b.box) > 0.999
+    flipped = single[1]
+    assert flipped and abs(flipped[0].box.center[0] - (512 - single[0][0].box.center[0])) < 6
+
+
+@pytest.fixture()
+def no_mtcnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constructing MTCNN (or its O-Net landmarker) fails the test."""
+    import facepipe.detect.mtcnn as mt
+    import facepipe.video.analysis as va
+
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("MTCNN constructed")
+
+    monkeypatch.setattr(mt.MTCNNDetector, "__init__", refuse)
+    monkeypatch.setattr(va.OnetLandmarker, "__init__", refuse)
+
+
+def test_cnn_pipeline_aligns_with_its_own_landmarks_without_mtcnn(no_mtcnn: None, astronaut: np.ndarray) -> None:
+    """enroll/identify/embed build this pipeline: the cnn detector's landmarks align the face."""
+    from facepipe.builders import build_pipeline
+
+    res = build_pipeline("cnn", device="cpu").process(astronaut)
+    assert len(res.faces) == 1 and res.faces[0].alignment == "landmarks"
+
+
+def test_cnn_video_analyzer_needs_no_onet(no_mtcnn: None, astronaut: np.ndarray) -> None:
+    from facepipe.video.analysis import build_analyzer
+
+    an = build_analyzer("cnn", embedder="default", device="cpu")
+    (obs,) = an.analyze([astronaut])
+    assert len(obs) >= 1 and an._landmarker is None and an.embedded >= 1

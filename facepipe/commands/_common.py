@@ -188,8 +188,8 @@ class RecordWriter:
 DETECTOR_HELP = {
     "mtcnn": "MTCNN (5 landmarks)",
     "haar": "Viola–Jones cascade",
-    "cnn": "facepipe's own CNN detector (docs/detection.md)",
-    "cnn-pyramid": "facepipe's face/non-face classifier slid over an image pyramid",
+    "cnn": "facepipe's single-pass MobileNetV2 detector (head boxes, 5 landmarks; docs/detection.md)",
+    "cnn-pyramid": "facepipe's first CNN detector: the face/non-face classifier slid over an image pyramid",
     "haar+cnn": "Haar proposals verified by the CNN classifier",
     "retinaface": "RetinaFace (reference peer, when installed)",
 }
@@ -287,7 +287,7 @@ def min_detect_size_option(fn: F) -> F:
     return click.option("--min-detect-size", "min_detect_size", type=click.IntRange(min=1), default=None,
                         metavar="PX", callback=_alias_aware,
                         help="Detection minimum: the smallest face side, in pixels, the detector looks for "
-                             "[default: the detector's own: mtcnn 20, haar and cnn 24].")(fn)
+                             "[default: the detector's own: cnn none (heads from ~12 px), mtcnn 20, haar and cnn-pyramid 24].")(fn)
 
 
 def min_embed_size_option(fn: F) -> F:

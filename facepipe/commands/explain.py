@@ -108,7 +108,7 @@ def explain(paths: tuple[str, ...], out_dir: Path, gallery_dir: Path | None, top
             from facepipe.builders import build_detector
 
             detector = build_detector(detector_name, min_size=min_detect_size, device=device,
-                                      weights=weights if detector_name in ("cnn", "haar+cnn") else None)
+                                      weights=weights if detector_name in ("cnn-pyramid", "haar+cnn") else None)
     except FacepipeError as exc:
         raise fail(exc) from exc
 

@@ -200,8 +200,8 @@ def video(
     if min_detect_size is not None:
         options["min_size"] = min_detect_size
     if det_threshold is not None:
-        if detector_name not in ("cnn", "haar+cnn"):
-            raise click.UsageError(f"--det-threshold applies to the cnn and haar+cnn detectors, "
+        if detector_name not in ("cnn", "cnn-pyramid", "haar+cnn"):
+            raise click.UsageError(f"--det-threshold applies to the cnn, cnn-pyramid and haar+cnn detectors, "
                                    f"not {detector_name!r}")
         options["threshold"] = det_threshold
     if gallery_dir is None and (tolerance is not None or min_margin):

@@ -41,9 +41,10 @@ def _mtcnn(**kwargs: Any) -> Detector:
 
 @register_detector("cnn")
 def _cnn(**kwargs: Any) -> Detector:
-    from facepipe.detect.cnn import CNNDetector
+    """facepipe's single-pass detector: MobileNetV2 + feature pyramid, head boxes and five landmarks."""
+    from facepipe.detect.fpn import FPNDetector
 
-    return CNNDetector(**kwargs)
+    return FPNDetector(**kwargs)
 
 
 @register_detector("cnn-pyramid")
@@ -51,9 +52,7 @@ def _cnn_pyramid(**kwargs: Any) -> Detector:
     """The first CNN detector: the face/non-face classifier slid over an image pyramid."""
     from facepipe.detect.cnn import CNNDetector
 
-    det = CNNDetector(**kwargs)
-    det.name = "cnn-pyramid"
-    return det
+    return CNNDetector(**kwargs)
 
 
 @register_detector("haar+cnn")

@@ -323,7 +323,7 @@ def decode_map(out: torch.Tensor, scale: float, window: int, stride: int, pad: i
 
 
 class CNNDetector(Detector):
-    """Full-image face detector from the transfer-learned classifier.
+    """Full-image face detector from the transfer-learned classifier (``--detector cnn-pyramid``).
 
     ``weights``: ``finetune`` (default), ``transfer`` or a checkpoint path.
     ``threshold``: minimum face probability of a returned box (default: the
@@ -368,7 +368,7 @@ class CNNDetector(Detector):
         self.nms_iou = float(nms_iou)
         self.max_pixels = max_pixels
         self.amp = bool(amp) and self.device.type == "cuda"
-        self.name = "cnn"
+        self.name = "cnn-pyramid"
 
     def describe(self) -> dict[str, object]:
         """Checkpoint identity and pyramid/NMS settings."""

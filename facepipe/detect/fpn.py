@@ -377,8 +377,9 @@ class FPNDetector(Detector):
     ``weights``: ``default`` (shipped) or a checkpoint path. ``threshold``: minimum
     face probability of a returned box (default: the checkpoint's operating point,
     chosen on development images for precision, see ``describe()['calibration']``).
-    ``min_size``: smallest head box wanted (pixels); above 16 the image is
-    down-scaled by ``16 / min_size`` first, which is faster. ``max_pixels``: larger
+    ``min_size``: smallest head box wanted (side ``sqrt(w·h)``, pixels; smaller boxes
+    are dropped); above 16 the image is down-scaled by ``16 / min_size`` first, which
+    is faster. Default: none, the image at its own size (heads from ~12 px). ``max_pixels``: larger
     images are down-scaled to this many pixels. ``large_faces``: also run the net on
     the image shrunk 4× (1/16 of the pixels, ≈6 % more time) for heads larger than
     the training canvases held (≥ ``COARSE_MIN_SIDE`` px), e.g. a portrait filling a
@@ -552,6 +553,10 @@ class FPNDetector(Detector):
             keep = batched_nms(boxes, sc, n, self.nms_iou)
             n, sc, boxes, lms = n[keep].cpu().numpy(), sc[keep].cpu().numpy(), boxes[keep].cpu().numpy(), \
                 lms[keep].cpu().numpy()
+        if self.min_size is not None and len(boxes):
+            big = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+            keep_big = big >= self.min_size
+            n, sc, boxes, lms = n[keep_big], sc[keep_big], boxes[keep_big], lms[keep_big]
         res = []
         for i in range(len(images)):
             m = np.flatnonzero(n == i)
