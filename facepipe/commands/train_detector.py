@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import click
 
 from facepipe.commands._common import FiniteFloat, fail, report, setup_logging, verbosity_options
 from facepipe.errors import FacepipeError
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint="--mine-scales") from None
+    if not out or not all(math.isfinite(s) and s > 0 for s in out):
+        raise click.BadParameter(f"{text!r}: scales must be positive numbers", param_hint="--mine-scales")
+    return out
 
 
 @click.command("detector")
@@ -23,11 +34,22 @@ from facepipe.errors import FacepipeError
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--canvas", type=click.IntRange(min=64), default=256, show_default=True,
               help="Side of the composite training images.")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-3, show_default=True)
-@click.option("--mine-at", "mine_at", multiple=True, type=click.IntRange(min=1),
-              help="Steps at which hard negatives are mined (repeatable) [1200, 2200].")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-3, show_default=True,
+              help="Learning rate of the new layers (pyramid, heads).")
+@click.option("--lr-backbone", type=FiniteFloat(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Learning rate of the pretrained MobileNetV2 blocks.")
+@click.option("--mine-at", "mine_at", multiple=True, type=click.IntRange(min=0),
+              help="Steps at which hard negatives are mined (repeatable; 0 with --init) [1200, 2200].")
 @click.option("--hard-negatives", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Hard negatives mined per round.")
+@click.option("--mine-threshold", type=FiniteFloat(0, 1), default=0.3, show_default=True,
+              help="Score from which a box on a face-free region counts as a hard negative.")
+@click.option("--mine-per-image", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Most hard negatives taken from one image and scale per round.")
+@click.option("--mine-scales", default="0.5,1,2", show_default=True,
+              help="Comma-separated scales at which the face-free scenes are searched for hard negatives.")
+@click.option("--hard-fraction", type=FiniteFloat(0, 0.5), default=0.1, show_default=True,
+              help="Share of training canvases built around mined hard negatives.")
 @click.option("--target-precision", type=FiniteFloat(0, 1), default=0.97, show_default=True,
               help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
 @click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,
@@ -38,14 +60,18 @@ from facepipe.errors import FacepipeError
               help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen).")
 @click.option("--classifier", default="finetune", show_default=True,
               help="Face/non-face classifier that seeds the stride-8 trunk and head.")
+@click.option("--init", "init", default=None, metavar="CHECKPOINT",
+              help="Continue from a detector checkpoint (a second phase) instead of the classifier seeds.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @click.option("--install", is_flag=True, help="Copy detector.pt into facepipe/weights/ as the shipped detector.")
 @verbosity_options
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
-             canvas: int, lr: float, mine_at: tuple[int, ...], hard_negatives: int, target_precision: float,
-             lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, device: str, seed: int,
+             canvas: int, lr: float, lr_backbone: float, mine_at: tuple[int, ...], hard_negatives: int,
+             mine_threshold: float, mine_per_image: int, mine_scales: str, hard_fraction: float, target_precision: float,
+             lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
+             device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
     """Train the single-pass face detector with five landmarks.
 
@@ -78,10 +104,13 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person)
         info["lfw_people_considered"] = lfw_people or "all"
         report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
-        settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,
+        settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr, lr_backbone=lr_backbone,
                                     mine_at=tuple(mine_at) or DetTrainSettings.mine_at,
-                                    hard_per_round=hard_negatives, target_precision=target_precision,
-                                    train_from=train_from, classifier=classifier, device=device)
+                                    hard_per_round=hard_negatives, mine_threshold=mine_threshold,
+                                    mine_per_image=mine_per_image, hard_fraction=hard_fraction,
+                                    mine_scales=_scales(mine_scales),
+                                    target_precision=target_precision,
+                                    train_from=train_from, classifier=classifier, init=init, device=device)
         path = train_detector(train, val, out, settings, info, report=lambda m: report(f"facepipe: {m}", quiet))
         if install:
             dst = resolve_detector_weights("default")

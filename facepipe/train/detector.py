@@ -61,6 +61,7 @@ class DetTrainSettings:
     warmup: int = 100
     train_from: int = 7  # first trainable MobileNetV2 block (7 = the classifier's trunk stays frozen)
     classifier: str = "finetune"  # the face/non-face checkpoint that seeds the stride-8 path
+    init: str | None = None  # continue from a detector checkpoint (a second, fine-tuning phase)
     pos_iou: float = 0.4
     neg_iou: float = 0.3
     box_weight: float = 1.0
@@ -68,6 +69,9 @@ class DetTrainSettings:
     mine_at: tuple[int, ...] = (1200, 2200)
     hard_per_round: int = 1500
     mine_threshold: float = 0.3
+    mine_per_image: int = 15
+    mine_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # scene scales searched for hard negatives
+    hard_fraction: float = 0.1  # share of canvases built around mined hard negatives
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
@@ -238,7 +242,8 @@ def _resize(image: np.ndarray, s: float) -> np.ndarray:
 
 def mine_hard_negatives(net: FaceFPN, split: DetSplit, device: torch.device, limit: int,
                         threshold: float = 0.3, max_photos: int = 400, per_image: int = 15,
-                        seed: int = 0) -> list[tuple[str, int, np.ndarray]]:
+                        seed: int = 0, scene_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+                        ) -> list[tuple[str, int, np.ndarray]]:
     """The model's confident boxes on training scenes / LFW photos that overlap no face or ignore region."""
     from facepipe.evaluate import box_iou_matrix
 
@@ -253,7 +258,7 @@ def mine_hard_negatives(net: FaceFPN, split: DetSplit, device: torch.device, lim
         sources.append(("photo", int(i), p.image, np.concatenate([p.boxes, p.ignore]).reshape(-1, 4)))
     predict = make_predictor(net, threshold, device)
     for kind, i, im, avoid in sources:
-        scales = (0.5, 1.0, 2.0) if kind == "scene" else (0.5, 1.0)
+        scales = scene_scales if kind == "scene" else (0.5, 1.0)
         for s in scales:
             if im.shape[0] * im.shape[1] * s * s > 1.5e6:
                 continue
@@ -429,12 +434,24 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
     device = resolve_device(settings.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    net, init = build_model(settings, pretrained=pretrained)
+    prior: dict[str, Any] = {}
+    if settings.init:
+        from facepipe.detect.fpn import load_detector
+
+        ck = load_detector(settings.init)
+        net = ck.net
+        prior = ck.meta
+        init = {**ck.meta.get("init", {}), "continued_from": f"{Path(ck.path).name} (sha256 {ck.sha256[:12]}, "
+                                                               f"{ck.meta.get('steps')} steps)"}
+    else:
+        net, init = build_model(settings, pretrained=pretrained)
     config = net.config
     net.to(device).to(memory_format=torch.channels_last)  # much faster depthwise convs on CPU
     opt = torch.optim.AdamW(_param_groups(net, settings), weight_decay=settings.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    sampler = CompositeSampler(train, settings.canvas, seed=settings.seed)
+    h = settings.hard_fraction
+    sampler = CompositeSampler(train, settings.canvas, seed=settings.seed,
+                               mix=(0.6 - h, 0.32, h, 0.08))
     history: list[dict[str, float]] = []
     step0 = 0
     train_seconds = 0.0
@@ -453,10 +470,11 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
     t0 = time.perf_counter()
     running: dict[str, list[float]] = {}
     for step in range(step0, settings.steps):
-        if step in settings.mine_at and step > 0:
+        if step in settings.mine_at and (step > 0 or settings.init):
             tm = time.perf_counter()
             new = mine_hard_negatives(net, train, device, settings.hard_per_round, settings.mine_threshold,
-                                      settings.mine_photos, seed=settings.seed + step)
+                                      settings.mine_photos, settings.mine_per_image, seed=settings.seed + step,
+                                      scene_scales=tuple(settings.mine_scales))
             train.hard = train.hard + new
             report(f"step {step}: mined {len(new)} hard negatives ({len(train.hard)} in all, "
                    f"{time.perf_counter() - tm:.0f}s)")
@@ -501,8 +519,11 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
            f"{calib['precision']:.3f}, recall {calib['recall']:.3f}), landmark NME {ev['nme']:.4f}")
     meta = {
         "trained_on": str(device),
-        "train_seconds": round(train_seconds, 1),
-        "steps": settings.steps,
+        "train_seconds": round(train_seconds + float(prior.get("train_seconds", 0.0)), 1),
+        "steps": settings.steps + int(prior.get("steps", 0)),
+        "phases": list(prior.get("phases", [])) + [{"steps": settings.steps, "train_seconds": round(train_seconds, 1),
+                                                     "train_from": settings.train_from, "lr": settings.lr,
+                                                     "canvas": settings.canvas}],
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "init": init,
         "hard_negatives": len(train.hard),
