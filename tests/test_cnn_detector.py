@@ -234,7 +234,7 @@ def test_detect_cli_with_cnn(astronaut_path: Path, tmp_path: Path) -> None:
 
     from facepipe.cli import cli
 
-    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn", "--device", "cpu", str(astronaut_path)])
+    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn-pyramid", "--device", "cpu", str(astronaut_path)])
     assert res.exit_code == 0, res.output
     rows = [r.split(",") for r in res.output.strip().splitlines()]
     assert rows and rows[0][0] == str(astronaut_path)
@@ -293,7 +293,7 @@ def test_detect_cli_any_colour_mode_and_size(tmp_path: Path, astronaut: np.ndarr
     Image.fromarray(astronaut).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(astronaut[:1, :1]).save(tmp_path / "tiny.png")
     Image.fromarray(astronaut).convert("P").save(tmp_path / "palette.png")
-    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn", "--device", "cpu", "-q", str(tmp_path)])
+    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn-pyramid", "--device", "cpu", "-q", str(tmp_path)])
     assert res.exit_code == 0, res.output
     found = {Path(r.split(",")[0]).name for r in res.output.strip().splitlines()}
     assert {"grey.png", "rgba.png", "palette.png"} <= found and "tiny.png" not in found

@@ -354,3 +354,22 @@ def test_cnn_video_analyzer_needs_no_onet(no_mtcnn: None, astronaut: np.ndarray)
     an = build_analyzer("cnn", embedder="default", device="cpu")
     (obs,) = an.analyze([astronaut])
     assert len(obs) >= 1 and an._landmarker is None and an.embedded >= 1
+
+
+def test_detect_cli_with_the_cnn_detector_prints_the_astronaut_with_landmarks(astronaut_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from facepipe.cli import cli
+    from facepipe.types import Box
+
+    res = CliRunner().invoke(cli, ["detect", "--detector", "cnn", "--device", "cpu", "--format", "json",
+                                   str(astronaut_path)])
+    assert res.exit_code == 0, res.output
+    (doc,) = json.loads(res.stdout)
+    head = Box(*hays_boxes(ASTRONAUT_LANDMARKS[None])[0])
+    (face,) = [f for f in doc["faces"] if Box(f["x"], f["y"], f["w"], f["h"]).iou(head) >= 0.3]
+    assert face["detector"] == "cnn" and Box(face["x"], face["y"], face["w"], face["h"]).iou(head) >= 0.6
+    iod = np.linalg.norm(ASTRONAUT_LANDMARKS[0] - ASTRONAUT_LANDMARKS[1])
+    assert np.linalg.norm(np.asarray(face["landmarks"]) - ASTRONAUT_LANDMARKS, axis=1).mean() / iod < 0.1
