@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
           "--detector", "haar", "--opt", "cascade=alt2", "--label", "opencv-alt2",
           "--detector", "haar", "--opt", f"cascade={args.cascade}", "--label", args.label]
     if not args.no_cnn:
-        ev += ["--detector", "cnn", "--opt", "device=cpu", "--label", "cnn"]
+        ev += ["--detector", "cnn-pyramid", "--opt", "device=cpu", "--label", "cnn"]
     for s in args.sets or []:
         ev += ["--set", s]
     ev += ["--out", str(args.out)]

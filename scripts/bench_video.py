@@ -90,8 +90,8 @@ def make_detector(name: str, device: str, min_face: int) -> Any:
 
     if name == "haar":
         return create_detector("haar", min_size=min_face)
-    if name == "cnn":
-        return create_detector("cnn", min_size=float(min_face), device=device)  # the single-pass detector
+    if name in ("cnn", "cnn-pyramid"):  # cnn: the single-pass detector; cnn-pyramid: the classifier over a pyramid
+        return create_detector(name, min_size=float(min_face), device=device)
     if name == "haar+cnn":
         return create_detector("haar+cnn", min_size=min_face, device=device)
     return create_detector(name, device=device)
