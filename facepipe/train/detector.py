@@ -17,7 +17,8 @@ teacher landmarks), each normalised by the number of positives.
 
 Bootstrapping: at the steps in ``mine_at`` the current model runs over the training
 scenes and LFW photos; its confident boxes that overlap no face (IoU < 0.3 with
-every face and ignore region) become hard-negative canvases (15 % of later batches).
+every face and ignore region) become hard-negative canvases (``hard_fraction`` of later
+canvases, 10 % by default).
 
 The operating threshold is chosen at the end on development images only (held-out
 LFW people's photos, held-out scenes and composites built from held-out sources):
