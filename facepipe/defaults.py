@@ -45,7 +45,8 @@ SEARCH_DEVICE = "auto"
 FORMAT = "csv"
 
 #: Detection minimum (``--min-detect-size``): smallest face side, in pixels, the
-#: detector looks for. ``None`` leaves each detector's own (MTCNN 20, Haar/CNN 24).
+#: detector looks for. ``None`` leaves each detector's own (MTCNN 20, Haar/cnn-pyramid 24;
+#: cnn from ≈ 12 px).
 MIN_DETECT_SIZE: int | None = None
 
 #: Embedding minimum (``--min-embed-size``): detected faces whose shorter side is
@@ -123,7 +124,7 @@ def table() -> list[Default]:
         Default("--search-device", SEARCH_DEVICE, "where a gallery is searched (auto: a GPU when there is one)"),
         Default("--format", FORMAT, "output of detect and identify (csv, json, jsonl)"),
         Default("--min-detect-size", MIN_DETECT_SIZE, "smallest face side (px) the detector looks for "
-                                                      "(MTCNN 20, Haar and CNN 24)"),
+                                                      "(MTCNN 20, Haar and cnn-pyramid 24, cnn from ≈ 12)"),
         Default("--min-embed-size", MIN_EMBED_SIZE, "smallest face side (px) that is embedded and named; "
                                                     "smaller faces are reported, not identified"),
         Default("--cascade", CASCADE, "Haar cascade of haar and haar+cnn"),
