@@ -270,6 +270,27 @@ def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(ast
     assert not (tmp_path / "run" / "state.pt").exists()  # the resumable state is removed when done
     FPNDetector(path, device="cpu").detect(astronaut)
 
+    # a second phase continues from the checkpoint (mining first), and the checkpoint says so
+    more = DetTrainSettings(steps=3, batch_size=4, canvas=96, lr=1e-3, lr_backbone=1e-4, warmup=1, init=str(path),
+                            mine_at=(0,), hard_per_round=10, mine_photos=1, dev_composites=3, dev_canvas=96,
+                            log_every=3, save_every=5, device="cpu")
+    path2 = train_detector(split, split, tmp_path / "run2", more, {"test": True}, report=lambda m: None)
+    ck2 = load_detector(path2)
+    assert ck2.meta["steps"] == 15 and [p["steps"] for p in ck2.meta["phases"]] == [12, 3]
+    assert ck2.meta["init"]["continued_from"].startswith(f"{path.name} (sha256 {ck.sha256[:12]}, 12 steps)")
+    assert ck2.meta["init"]["stride8_trunk_and_head"] == ck.meta["init"]["stride8_trunk_and_head"]
+
+
+def test_train_detector_cli_refuses_bad_mining_scales_before_loading_data(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from facepipe.cli import cli
+
+    for bad in ("1,nan", "0.5,-1", "x", ""):
+        r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
+                                     str(tmp_path / "o"), "--mine-scales", bad])
+        assert r.exit_code == 2 and "--mine-scales" in r.output, (bad, r.output)
+
 
 # --------------------------------------------------------------------------- the shipped detector
 

@@ -287,7 +287,8 @@ def min_detect_size_option(fn: F) -> F:
     return click.option("--min-detect-size", "min_detect_size", type=click.IntRange(min=1), default=None,
                         metavar="PX", callback=_alias_aware,
                         help="Detection minimum: the smallest face side, in pixels, the detector looks for "
-                             "[default: the detector's own: cnn none (heads from ~12 px), mtcnn 20, haar and cnn-pyramid 24].")(fn)
+                             "[default: the detector's own: cnn none (heads from ~12 px), mtcnn 20, "
+                             "haar and cnn-pyramid 24].")(fn)
 
 
 def min_embed_size_option(fn: F) -> F:

@@ -46,7 +46,7 @@ def _scales(text: str) -> tuple[float, ...]:
               help="Score from which a box on a face-free region counts as a hard negative.")
 @click.option("--mine-per-image", type=click.IntRange(min=1), default=15, show_default=True,
               help="Most hard negatives taken from one image and scale per round.")
-@click.option("--mine-scales", default="0.5,1,2", show_default=True,
+@click.option("--mine-scales", default="0.5,1,2", show_default=True, callback=lambda ctx, param, v: _scales(v),
               help="Comma-separated scales at which the face-free scenes are searched for hard negatives.")
 @click.option("--hard-fraction", type=FiniteFloat(0, 0.5), default=0.1, show_default=True,
               help="Share of training canvases built around mined hard negatives.")
@@ -69,7 +69,8 @@ def _scales(text: str) -> tuple[float, ...]:
 @verbosity_options
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
              canvas: int, lr: float, lr_backbone: float, mine_at: tuple[int, ...], hard_negatives: int,
-             mine_threshold: float, mine_per_image: int, mine_scales: str, hard_fraction: float, target_precision: float,
+             mine_threshold: float, mine_per_image: int, mine_scales: tuple[float, ...], hard_fraction: float,
+             target_precision: float,
              lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
              device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
@@ -104,11 +105,12 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person)
         info["lfw_people_considered"] = lfw_people or "all"
         report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
-        settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr, lr_backbone=lr_backbone,
+        settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,
+                                    lr_backbone=lr_backbone,
                                     mine_at=tuple(mine_at) or DetTrainSettings.mine_at,
                                     hard_per_round=hard_negatives, mine_threshold=mine_threshold,
                                     mine_per_image=mine_per_image, hard_fraction=hard_fraction,
-                                    mine_scales=_scales(mine_scales),
+                                    mine_scales=mine_scales,
                                     target_precision=target_precision,
                                     train_from=train_from, classifier=classifier, init=init, device=device)
         path = train_detector(train, val, out, settings, info, report=lambda m: report(f"facepipe: {m}", quiet))
