@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("sets", {})
     results.setdefault("speed", {})
     results.setdefault("detectors", {})
-    results.setdefault("runs", []).append({"date": now, "command": "python scripts/bench_detectors.py "
-                                           + " ".join(argv if argv is not None else sys.argv[1:]),
+    command = "python scripts/bench_detectors.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = command  # the latest run's; every run's is under "runs"
+    results.setdefault("runs", []).append({"date": now, "command": command,
                                            "load_average_at_start": os.getloadavg()})
     dets = {lab: build(lab, "cpu") for lab in labels} if not args.gpu_only else {}
     for lab, d in dets.items():
