@@ -144,7 +144,7 @@ def test_train_classifier_writes_a_loadable_checkpoint_and_learns(tiny_data_root
     losses = [h["loss"] for h in metrics["history"]]
     assert len(losses) == 2 and losses[1] < 0.95 * losses[0], metrics["history"]
     assert metrics["metrics"]["roc_auc"] > 0.9   # face crops vs scene windows: easy after 40 steps
-    det = create_detector("cnn", weights=str(out / "transfer.pt"), device="cpu")
+    det = create_detector("cnn-pyramid", weights=str(out / "transfer.pt"), device="cpu")
     faces = det.detect(astronaut)
     assert all(0.0 <= f.score <= 1.0 for f in faces)
 
