@@ -7,7 +7,7 @@ face (re-embedding the photos named in the gallery's labels; missing photos are
 reported, not fatal) and computes, for both aligned crops, a map of the regions that
 drove their similarity:
 
-* ``gradcam`` (embedders with a convolutional trunk, ``net.features``): Grad-CAM on the
+* ``gradcam`` (embedders with a convolutional trunk, ``net.features``; not dlib's ResNet family, whose 2×2 last map is too coarse): Grad-CAM on the
   embedding similarity. With ``A`` the trunk's last feature map of one crop, ``u`` its
   raw embedding and ``t`` the other crop's unit embedding, ``s = <u, t> / ‖u‖`` (the
   cosine similarity, with ‖u‖ held fixed so that the normalisation does not project the
@@ -85,20 +85,34 @@ class MatchExplanation:
 
 def _network(embedder: Any) -> Any:
     net = getattr(embedder, "net", None)
-    if net is None or not hasattr(net, "features") or not hasattr(net, "forward_unnormalised"):
-        raise ExplainUnsupported(f"embedder {getattr(embedder, 'embedder_id', embedder)!r} has no convolutional "
-                                 "trunk to explain with Grad-CAM; use --method occlusion")
+    eid = getattr(embedder, "embedder_id", embedder)
+    if net is not None and hasattr(net, "blocks") and hasattr(net, "stem"):
+        # dlib's face ResNet family pools a 2x2 map (150-px chips): Grad-CAM would paint four squares
+        raise ExplainUnsupported(f"embedder {eid!r}: its last feature map (2x2 for dlib's ResNet) is too coarse "
+                                 "for Grad-CAM; use --method occlusion")
+    if net is None or not hasattr(net, "forward_unnormalised") or _trunk(net) is None:
+        raise ExplainUnsupported(f"embedder {eid!r} has no convolutional trunk to explain with Grad-CAM; "
+                                 "use --method occlusion")
     return net
+
+
+def _trunk(net: Any) -> Any:
+    """The module whose output is the last convolutional map before global pooling (``features``)."""
+    import torch
+
+    m = getattr(net, "features", None)
+    return m if isinstance(m, torch.nn.Module) else None
 
 
 def _input(embedder: Any, crop: np.ndarray) -> "torch.Tensor":
     """The crop as the network's normalised input ``(1, 3, S, S)`` (the embedder's preprocessing)."""
     import torch
 
+    from facepipe.embed.network import input_affine
+
     crops = embedder.check_crops(np.ascontiguousarray(crop[None]))
-    mean = torch.tensor(embedder.preprocess["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(embedder.preprocess["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    a, b = (torch.from_numpy(v).view(1, 3, 1, 1) for v in input_affine(embedder.preprocess))
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() * a - b
     return x.to(embedder.device)
 
 
@@ -125,7 +139,7 @@ def dot_from_features(embedder: Any, crop: np.ndarray, target: np.ndarray,
         held["A"] = a
         return a
 
-    handle = net.features.register_forward_hook(hook)
+    handle = _trunk(net).register_forward_hook(hook)
     was_training = net.training
     net.eval()
     try:

@@ -119,7 +119,8 @@ def dlib(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, val_fraction=args.val_fraction,
         val_seed=args.val_seed, eval_every=args.eval_every, patience=args.patience, aug_views=args.aug_views,
         freeze_stem=args.freeze_stem, cut=args.cut, l2sp=args.l2sp, seed=args.seed, device=args.device, threads=args.threads,
-        flip_tta=not args.no_flip, name=args.name, registry_name=args.registry_name)
+        flip_tta=not args.no_flip, name=args.name, registry_name=args.registry_name, select_metric=args.select,
+        extra={"command": "python scripts/train_embedder.py " + " ".join(sys.argv[1:])})
     report = train_dlib_embedder(cfg, args.out)
     Path(str(args.out) + ".json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report["best"], indent=2))
@@ -146,7 +147,7 @@ def distill(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from facepipe.train.embedder import LOSSES
     from facepipe.train.embedder_distill import STUDENTS
-    from facepipe.train.embedder_dlib import HEADS, LOSSES as DLIB_LOSSES, REGIMES
+    from facepipe.train.embedder_dlib import HEADS, LOSSES as DLIB_LOSSES, REGIMES, SELECT_METRICS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--threads", type=int, default=1)
-    d.add_argument("--no-flip", action="store_true", help="select without flip TTA")
+    d.add_argument("--no-flip", action="store_true", help="select without flip TTA (and ship without it)")
+    d.add_argument("--select", choices=SELECT_METRICS, default="auc",
+                   help="early-stop metric on the people-disjoint early-stop split")
     d.add_argument("--name", default="facepipe-dlib-ft")
     d.add_argument("--registry-name", default=None)
     d.set_defaults(fn=dlib)

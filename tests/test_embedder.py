@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -113,7 +114,8 @@ def test_shipped_default_checkpoint_is_self_describing(crops: np.ndarray) -> Non
     for key in ("loss", "data"):
         assert key in ck["training"]
     emb = load_embedder("default", device="cpu")
-    out = emb.embed(crops[:3])
+    s = emb.crop_size  # 150 for the dlib-family default, 112 for MobileNetV2
+    out = emb.embed(np.stack([cv2.resize(c, (s, s), interpolation=cv2.INTER_LINEAR) for c in crops[:3]]))
     assert out.shape == (3, emb.dim) and 128 <= emb.dim <= 512
     assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 

@@ -28,7 +28,9 @@ def pipe():
     from facepipe.builders import build_pipeline
 
     torch.set_num_threads(1)
-    return build_pipeline("mtcnn", "default", "cpu", 32)
+    # Grad-CAM needs a fine last feature map: MobileNetV2's (4x4); the default dlib-family
+    # network pools a 2x2 map and is explained by occlusion (test_dlib_family_falls_back_to_occlusion)
+    return build_pipeline("mtcnn", "mobilenet-v2", "cpu", 32)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,19 @@ def test_map_points_at_what_matters(pipe, crops, method: str) -> None:
         return float(pipe.embedder.embed(occ[None])[0] @ t)
 
     assert sim_without(cells[int(np.argmax(score))]) < sim_without(cells[int(np.argmin(score))])
+
+
+def test_dlib_family_falls_back_to_occlusion(astronaut: np.ndarray) -> None:
+    from facepipe.embed import load_embedder
+    from facepipe.explain_match import ExplainUnsupported, match_map
+
+    emb = load_embedder("default", device="cpu")
+    crop = np.ascontiguousarray(astronaut[30:180, 160:310])  # 150x150 around the face
+    t = emb.embed(crop[None])[0]
+    with pytest.raises(ExplainUnsupported, match="occlusion"):
+        match_map(emb, crop, t, "gradcam")
+    heat, used = match_map(emb, crop, t, "auto")
+    assert used == "occlusion" and heat.shape == crop.shape[:2] and heat.max() == pytest.approx(1)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -37,7 +37,8 @@ LOSS_CHOICES = ["triplet-semihard", "triplet-hard", "contrastive", "multisimilar
 @click.option("--freeze-blocks", type=click.IntRange(min=0, max=18), default=0, show_default=True,
               help="Freeze MobileNetV2 features[:k], train the rest from cached trunk features (CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--install", is_flag=True, help="Copy the checkpoint to facepipe/weights/embedder_default.pt.")
+@click.option("--install", is_flag=True, help="Copy the checkpoint to facepipe/weights/embedder_mobilenet_v2.pt (the shipped "
+              "`mobilenet-v2` embedder this command trains; the default is `dlib-transfer`).")
 @verbosity_options
 def embedder(data: tuple[Path, ...], out: Path, loss: str, steps: int, batch_size: int, m_per_class: int,
              crop_size: int, dim: int, lr: float, teacher: Path | None, extra: tuple[Path, ...],
@@ -67,7 +68,7 @@ def embedder(data: tuple[Path, ...], out: Path, loss: str, steps: int, batch_siz
         raise fail(str(exc)) from exc
     click.echo(json.dumps(result["metrics"], indent=2))
     if install:
-        from facepipe.embed import DEFAULT_CHECKPOINT
+        from facepipe.embed import SHIPPED
 
-        shutil.copyfile(out, DEFAULT_CHECKPOINT)
-        report(f"facepipe: installed {out} as {DEFAULT_CHECKPOINT}", quiet)
+        shutil.copyfile(out, SHIPPED["mobilenet-v2"])
+        report(f"facepipe: installed {out} as {SHIPPED['mobilenet-v2']}", quiet)

@@ -6,7 +6,13 @@
 
 Names:
 
-* ``default``: the shipped checkpoint ``facepipe/weights/embedder_default.pt``;
+* ``default``: the shipped checkpoint ``facepipe/weights/embedder_default.pt``, today
+  ``dlib-transfer``: dlib's public-domain face ResNet trunk (frozen, converted by facepipe)
+  with its 128-d head re-trained by facepipe (transfer regime, dlib-metric loss);
+* ``dlib-transfer``: that same file by its stable name;
+* ``mobilenet-v2``: the previous default (ImageNet MobileNetV2 + a metric-learning head
+  trained by facepipe), ``facepipe/weights/embedder_mobilenet_v2.pt``; galleries built with
+  it keep using it;
 * ``dlib-port``: dlib's public-domain face ResNet converted in memory by facepipe's own
   reader from ``face_recognition_models``' ``.dat`` (needs that package, not dlib);
 * ``untrained``: ImageNet MobileNetV2 + random head, the benchmark's floor;
@@ -31,10 +37,11 @@ DEFAULT_CHECKPOINT = WEIGHTS_DIR / "embedder_default.pt"
 
 #: Checkpoints shipped in facepipe/weights/, by their stable registered name.
 SHIPPED: dict[str, Path] = {
-    "mobilenet-v2": WEIGHTS_DIR / "embedder_default.pt",
+    "dlib-transfer": WEIGHTS_DIR / "embedder_default.pt",
+    "mobilenet-v2": WEIGHTS_DIR / "embedder_mobilenet_v2.pt",
 }
 #: The registered name ``default`` stands for (its file is :data:`DEFAULT_CHECKPOINT`).
-DEFAULT_NAME = "mobilenet-v2"
+DEFAULT_NAME = "dlib-transfer"
 #: Checkpoint names (the part of an embedder id before ``@``) that differ from the
 #: registered name: galleries record ids, so an id's name must lead back to a factory.
 ALIASES: dict[str, str] = {"facepipe-mnv2-128": "mobilenet-v2"}

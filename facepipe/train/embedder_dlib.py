@@ -55,6 +55,8 @@ LOSSES = ("triplet", "contrastive", "multisimilarity", "supcon", "dlib-metric")
 RAW_LOSSES = ("dlib-metric",)
 REGIMES = ("transfer", "finetune")
 HEADS = ("linear", "linear-bn", "mlp", "dlib-fc")
+#: Early-stop metrics (keys of the verification metrics) a run can select its step by.
+SELECT_METRICS = ("auc", "accuracy", "tar@far=0.001", "tar@far=0.01")
 VERSION = "2.0"
 
 
@@ -102,7 +104,7 @@ class DlibTrainConfig:
     val_seed: int = 1
     eval_every: int = 100
     patience: int = 5                # evaluations without improvement before stopping
-    select_metric: str = "auc"
+    select_metric: str = "auc"       # early-stop metric: auc, accuracy or tar@far=0.001
     aug_views: int = 2               # transfer: cached augmented views per photo
     freeze_stem: bool = False        # finetune: keep the 7x7 stem fixed
     cut: int = 0                     # finetune: >0 trains blocks[cut:] + fc from cached activations
@@ -379,6 +381,8 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
     from facepipe.embed.network import make_checkpoint, save_checkpoint
     from facepipe.train.embedder import augment
 
+    if cfg.select_metric not in SELECT_METRICS:
+        raise ValueError(f"unknown selection metric {cfg.select_metric!r}; valid: {', '.join(SELECT_METRICS)}")
     if cfg.regime not in REGIMES:
         raise ValueError(f"unknown regime {cfg.regime!r}; valid: {', '.join(REGIMES)}")
     if cfg.loss not in LOSSES:
@@ -530,7 +534,16 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
         what = "all layers" if cfg.cut == 0 else f"blocks[{cfg.cut}:] + fc (stem and blocks[:{cfg.cut}] frozen)"
         provenance = {"initialisation": DLIB_PROVENANCE,
                       "fine_tuning": f"{what} trained by facepipe ({cfg.loss}) on LFW DevTrain development people"}
-    training = {"regime": cfg.regime, "loss": cfg.loss, "config": asdict(cfg), "data_summary": dev.summary,
+    if cfg.extra.get("command"):
+        provenance["training_command"] = str(cfg.extra["command"])
+    provenance["data"] = ("LFW DevTrain development people (the benchmark's held-out people removed; "
+                          f"{cfg.val_fraction:.0%} of the rest kept apart for early stopping): "
+                          + ", ".join(Path(p).name for p in cfg.data))
+    provenance["selection"] = (f"step with the best {cfg.select_metric} "
+                               f"({'flip TTA' if cfg.flip_tta else 'no flip'}) on the people-disjoint "
+                               "early-stop split; the benchmark's test pairs were never looked at")
+    training = {"regime": cfg.regime, "loss": cfg.loss, "config": asdict(cfg), "data": dev.summary,
+                "data_summary": dev.summary,
                 "train_seconds": round(train_seconds, 1), "device": str(device),
                 "amp": "bf16" if device.type == "cuda" else "fp32", "best_step": best_m["step"],
                 "selected_on": f"early-stop people, {cfg.select_metric} ({'flip' if cfg.flip_tta else 'plain'})",
