@@ -115,7 +115,9 @@ def test_reembed_moves_a_gallery_to_another_embedder(untrained_gallery: Path, tm
     summary = json.loads(r.stdout)
     assert summary["vectors"] == 2 and summary["of"] == 2 and summary["missing"] == []
     new = Gallery.open(out)
-    assert new.people() == {"eileen": 2} and new.embedder_id.startswith("facepipe-mnv2")
+    from facepipe.embed import DEFAULT_NAME
+
+    assert new.people() == {"eileen": 2} and new.embedder_id.startswith(DEFAULT_NAME + "@")
     assert sorted(new.sources("eileen")) == sorted(str(p) for p in (photos["p1"], photos["p3"]))
     # the old gallery is untouched, byte for byte
     assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
