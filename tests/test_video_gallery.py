@@ -173,7 +173,8 @@ def test_onet_landmarks_agree_with_the_full_mtcnn_refinement(astronaut: np.ndarr
 @pytest.mark.parametrize("embedder_name", ["default", "dlib"])
 def test_real_clip_performer_is_identified_by_track(shared_data: Path, tmp_path: Path, embedder_name: str) -> None:
     """Hamilton clip + the source's own enrolment photo, with facepipe's shipped embedder at
-    the gallery's default threshold (what a user gets without calibrating), and with dlib's
+    the threshold a new gallery derives from its impostor model for the default target FPIR
+    (what `facepipe enroll` gives a user without calibrating), and with dlib's
     (the [peers] extra) at its customary 0.9 cosine.
 
     The performer's track must carry his name; the clip's camera cut to the audience must
@@ -181,7 +182,8 @@ def test_real_clip_performer_is_identified_by_track(shared_data: Path, tmp_path:
     """
     from facepipe.detect import create_detector
     from facepipe.embed import load_embedder
-    from facepipe.gallery import Gallery
+    from facepipe import defaults
+    from facepipe.gallery import Gallery, impostor_model_for
     from facepipe.io import load_image
     from facepipe.pipeline import FacePipeline
 
@@ -192,7 +194,9 @@ def test_real_clip_performer_is_identified_by_track(shared_data: Path, tmp_path:
     (face,) = FacePipeline(create_detector("haar", min_size=40), emb, device="cpu",
                            largest_only=True).process(load_image(photo)).faces
     gal = tmp_path / "gallery"
-    settings = {"threshold": 0.9} if embedder_name == "dlib" else {}
+    # what `facepipe enroll` does: dlib at a given threshold, a shipped embedder with its impostor model
+    settings = {"threshold": 0.9} if embedder_name == "dlib" else {
+        "impostor_model": impostor_model_for(emb), "target_fpir": defaults.TARGET_FPIR}
     with Gallery.edit(gal, embedder_id=emb.embedder_id, dim=emb.dim, **settings) as g:
         g.add(face.embedding[None, :], ["lin_manuel_miranda"])
     clip = shared_data / "videos" / "face_recognition_short_hamilton_clip.mp4"
