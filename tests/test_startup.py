@@ -60,6 +60,17 @@ def test_mtcnn_import_skips_torchvision() -> None:
     assert mods["torch"] and not mods["torchvision"]
 
 
+def test_default_pipeline_skips_torchvision() -> None:
+    """identify/enroll with the defaults (MTCNN + the dlib-family embedder) never pay for
+    torchvision's import."""
+    mods = _modules_after("from facepipe.builders import build_pipeline\n"
+                          "p = build_pipeline(None, None, 'cpu', None)\n"
+                          "import numpy as np\n"
+                          "from skimage import data\n"
+                          "assert len(p.process(data.astronaut()).faces) == 1")
+    assert mods["torch"] and not mods["torchvision"], mods
+
+
 _DETECT = """
 import json, sys
 import numpy as np
