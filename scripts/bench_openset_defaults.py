@@ -13,6 +13,10 @@ images (web photos of other people; used for evaluation only). Faces go through 
 default pipeline (MTCNN, the embedder's alignment); identity photos contribute their
 largest face.
 
+**Calibration check**: on the same halves, galleries of 10 or 30 people (1 or 3 photos)
+calibrated with ``gallery calibrate``'s code and no extra photos: with no domain shift the
+threshold should stay where the model puts it (FPIR and DIR before and after).
+
 **Approximation check** (``FPIR = 1 − (1 − FMR)^(N^a)``): the LFW DevTrain people held
 out of training (cached by ``scripts/calibrate_embedder.py``) are split into two
 people-disjoint halves; an impostor model (with its exponent ``a``) is fitted on half A,
@@ -237,6 +241,67 @@ def approximation_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, re
             "model_exponents": {f"{f:g}": a for f, a in model.exponents}, "repetitions": reps, "rows": rows}
 
 
+def calibration_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, reps: int = 20) -> dict[str, Any]:
+    """Does ``gallery calibrate`` (enrolled photos left out one at a time + the impostor model)
+    keep a gallery's threshold where the model puts it when there is no domain shift?
+
+    Same halves as :func:`approximation_check`: the model from half A, galleries of N people
+    (1 or 3 photos each, people with at least one more photo) built from half B through
+    ``Gallery.edit`` and calibrated with ``calibrate_gallery`` (no extra photos); strangers:
+    half B's other people; mated probes: the enrolled people's other photos. FPIR and DIR
+    with the automatic threshold and after calibration."""
+    import hashlib
+
+    from facepipe.gallery import Gallery
+    from facepipe.gallery.evidence import calibrate_gallery
+    from facepipe.gallery.openset import compute_impostor_model
+
+    people = np.unique(labels)
+    in_a = {p for p in people if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 2 == 0}
+    a = np.asarray([lab in in_a for lab in labels])
+    model = compute_impostor_model(vectors[a], labels[a], emb_id)
+    vb, lb = vectors[~a], labels[~a]
+    rows: list[dict[str, Any]] = []
+    for per in (1, 3):
+        eligible = [p for p in np.unique(lb) if (lb == p).sum() >= per + 1]
+        for n_people in (10, 30):
+            if n_people > len(eligible):  # strangers are all of half B's other people
+                continue
+            acc = {k: {"named": 0, "right": 0} for k in ("auto", "calibrated")}
+            probes = mated = raised = 0
+            for rep in range(reps):
+                rng = np.random.default_rng(rep)
+                enrolled = sorted(rng.choice(eligible, n_people, replace=False).tolist())
+                rows_g = np.concatenate([np.flatnonzero(lb == p)[:per] for p in enrolled])
+                gal, names = vb[rows_g], lb[rows_g]
+                with tempfile.TemporaryDirectory(prefix="facepipe-bench-") as tmp:
+                    with Gallery.edit(tmp, embedder_id=emb_id, dim=int(vb.shape[1]), impostor_model=model,
+                                      target_fpir=0.01) as g:
+                        g.add(gal, [str(x) for x in names])
+                    g = Gallery.open(tmp)
+                    cal = calibrate_gallery(g, 0.01, model)
+                    thr = {"auto": g.threshold, "calibrated": cal.threshold}
+                raised += cal.record["domain_shift"] is not None
+                best = (vb[~np.isin(lb, enrolled)] @ gal.T).max(axis=1)
+                m_rows = np.setdiff1d(np.flatnonzero(np.isin(lb, enrolled)), rows_g)
+                sims = vb[m_rows] @ gal.T
+                right_name = names[sims.argmax(axis=1)] == lb[m_rows]
+                probes += best.size
+                mated += m_rows.size
+                for k, t in thr.items():
+                    acc[k]["named"] += int((best >= t).sum())
+                    acc[k]["right"] += int(((sims.max(axis=1) >= t) & right_name).sum())
+            rows.append({"photos_per_person": per, "people": n_people, "target_fpir": 0.01,
+                         "stranger_probes": probes, "mated_probes": mated, "galleries_shifted_up": raised,
+                         **{f"fpir_{k}": v["named"] / probes for k, v in acc.items()},
+                         **{f"dir_{k}": v["right"] / max(mated, 1) for k, v in acc.items()}})
+            r = rows[-1]
+            log.info("calibration %d x %d: FPIR %.4f auto, %.4f calibrated; DIR %.3f -> %.3f; shifted up in %d/%d",
+                     n_people, per, r["fpir_auto"], r["fpir_calibrated"], r["dir_auto"], r["dir_calibrated"],
+                     raised, reps)
+    return {"repetitions": reps, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -306,6 +371,7 @@ def main() -> None:
         if lfw:
             z = np.load(lfw[0], allow_pickle=False)
             res["approximation_check"] = approximation_check(z["vectors"], z["labels"].astype(str), emb_id)
+            res["calibration_check"] = calibration_check(z["vectors"], z["labels"].astype(str), emb_id)
         else:
             log.warning("no LFW held-out embeddings for %s in %s: approximation check skipped",
                         emb_id, args.calibration_cache)

@@ -253,3 +253,23 @@ def test_choose_threshold_rules(gaussian_model: ImpostorModel) -> None:
     # no model and no probes: nothing to go on
     with pytest.raises(ValueError, match="no impostor evidence"):
         choose_threshold(0.01, 20, None, np.zeros(0))
+
+
+def test_domain_shift_ignores_the_tail_exponent_for_the_bulk(gaussian_model: ImpostorModel) -> None:
+    # A model whose comparisons exponent at the 1% target is well below 1 (as fitted for
+    # real embedders: ~0.7). Leave-one-out best scores span the whole best-of-N
+    # distribution, where comparisons count about as independent ones; reading them with
+    # the tail's N^0.7 predicts too low a bulk and finds a "shift" in data without one.
+    from dataclasses import replace
+
+    m = replace(gaussian_model, exponents=((0.1, 0.9), (0.01, 0.7)))
+    rng = np.random.default_rng(7)
+    raised = 0
+    for _ in range(10):
+        best = _best_of(rng, 60, 90, 0.0)  # 30 people x 3 photos, one left out: 60-87 entries
+        c = choose_threshold(0.01, 90, m, best, np.full(90, 60))
+        raised += c.shift is not None
+    assert raised <= 1
+    # a real shift is still found
+    c = choose_threshold(0.01, 90, m, _best_of(rng, 60, 90, 0.08), np.full(90, 60))
+    assert c.shift == pytest.approx(0.08, abs=0.03)
