@@ -12,7 +12,8 @@ Convention (write it on the line(s) just above a table; blank lines may separate
   the table's body (header row and `code spans` excluded) must be found in one of them:
   equal to a JSON number at the precision the table prints it (``0.952`` matches
   0.95212), or as a percentage of it (``89.2 %`` matches 0.8917), or as a token inside a
-  JSON string (``720p``). ``1,184`` is 1184; ``1M`` / ``200k`` are 1e6 / 2e5.
+  JSON string (``720p``). ``1,184`` is 1184; ``1M`` / ``200k`` are 1e6 / 2e5; ``3.2e-01``
+  is 0.32 at two decimals.
 * ``command:`` the command that produced the table. It may be omitted when the JSON
   files record their own ``command`` (top level or under ``meta``), or when the paragraph
   right above the table shows one in a code span (`` `python scripts/...` `` or
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER_RE = re.compile(r"<!--\s*(source|not-results)\s*:(.*?)-->", re.S)
 CODE_RE = re.compile(r"`[^`]*`")
 LINK_RE = re.compile(r"\]\([^)]*\)")
-NUMBER_RE = re.compile(r"(?<![\w.])[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[kM](?![A-Za-z]))?")
+NUMBER_RE = re.compile(r"(?<![\w.])[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+−]?\d+|[kM](?![A-Za-z]))?")
 COMMAND_RE = re.compile(r"`\s*(python\d?\s+scripts/|facepipe\s+|\.ci/run)[^`]*`")
 
 
@@ -161,8 +162,12 @@ def parse_number(tok: str) -> tuple[float, int]:
         mult, t = 1e3, t[:-1]
     elif t.endswith("M"):
         mult, t = 1e6, t[:-1]
-    decimals = len(t.split(".")[1]) if "." in t else 0
-    return float(t) * mult, (decimals if mult == 1.0 else -1)
+    exp = 0
+    m = re.match(r"^(.*?)[eE]([-+]?\d+)$", t)
+    if m:                                  # 3.2e-01: two decimals of 0.32
+        t, exp = m.group(1), int(m.group(2))
+    decimals = (len(t.split(".")[1]) if "." in t else 0) - exp
+    return float(t) * 10.0 ** exp * mult, (decimals if mult == 1.0 else -1)
 
 
 def json_values(obj: Any, nums: list[float], strings: list[str]) -> None:

@@ -59,6 +59,20 @@ def test_numbers_must_be_in_the_json(tmp_path: Path, rows: str, ok: bool) -> Non
     assert (f.kind == "ok") == ok, f
 
 
+@pytest.mark.parametrize("cell, ok", [
+    ("1.7e-05", True),      # 1.6667e-05 at the printed precision
+    ("1.6e-05", False),     # one unit off in the last printed place
+    ("3.2e-01", True),      # 0.32 at two decimals
+    ("3.3e-01", False),
+])
+def test_scientific_notation_is_read_as_one_number(tmp_path: Path, cell: str, ok: bool) -> None:
+    cd = _checker()
+    result = {"command": "python scripts/bench.py", "rows": [{"fa": 1.6666666666666667e-05, "p": 0.32012}]}
+    md = _doc(tmp_path, "<!-- source: docs/r.json -->", f"| `x` | {cell} | | |", result)
+    (f,) = cd.check(tmp_path, [md])
+    assert (f.kind == "ok") == ok, f
+
+
 def test_a_table_must_name_its_command(tmp_path: Path) -> None:
     cd = _checker()
     result = {k: v for k, v in RESULT.items() if k != "command"}
