@@ -58,7 +58,7 @@ TARGETS: dict[str, Target] = {
         ("facepipe/gallery/decision.py", "facepipe/gallery/core.py"),
         ("calibrate_threshold", "dir_fpir_curve", "Decision.known", "Gallery.identify", "Gallery.rank",
          "Gallery.calibration_scores", "Gallery.threshold", "Gallery.set_threshold", "Gallery.aggregation"),
-        ("tests/test_gallery.py", "tests/test_open_set_threshold.py")),
+        ("tests/test_gallery.py", "tests/test_open_set_threshold.py", "tests/test_gallery_decision.py")),
     "align": Target(
         "five-landmark similarity alignment and the box-crop fallback",
         ("facepipe/align.py",), (),
