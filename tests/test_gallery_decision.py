@@ -45,11 +45,11 @@ def test_target_fpir_outside_0_1_is_refused(target: float) -> None:
 
 
 def test_bad_impostor_scores_are_refused_with_the_reason() -> None:
-    with pytest.raises(ValueError, match="at least one impostor score"):
+    with pytest.raises(ValueError, match="^calibration needs at least one impostor score$"):
         calibrate_threshold([], 0.1)
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match="^impostor scores contain NaN or infinite values$"):
         calibrate_threshold([0.1, float("nan")], 0.1)
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ValueError, match="^genuine_scores and genuine_correct differ in length$"):
         calibrate_threshold([0.1, 0.2], 0.1, genuine_scores=[0.5, 0.6], genuine_correct=[True])
 
 
@@ -107,6 +107,11 @@ def test_dir_fpir_curve_matches_brute_force_at_every_threshold(n_gen: int, n_imp
         assert d == pytest.approx(((gen >= t) & ok).mean())
 
 
+def test_dir_fpir_curve_with_one_score_each() -> None:
+    thr, fpir, dir_ = dir_fpir_curve(np.array([0.9]), np.array([True]), np.array([0.2]))
+    assert thr.tolist() == [0.9, 0.2] and fpir.tolist() == [0.0, 1.0] and dir_.tolist() == [1.0, 1.0]
+
+
 # --------------------------------------------------------------------------- rank / identify
 
 
@@ -120,6 +125,14 @@ def test_rank_and_identify_answer_one_candidate_unless_asked(gallery: Path) -> N
         assert dec.candidates == tuple(cands) and len(dec.candidates) == 1
     for dec, cands in zip(g.identify(probes, top_k=4), g.rank(probes, 4)):
         assert dec.candidates == tuple(cands) and len(dec.candidates) == 4
+
+
+def test_rank_refuses_probes_of_another_dimension(gallery: Path) -> None:
+    g = Gallery.open(gallery)
+    with pytest.raises(ShapeError, match="^queries have dimension 4, the gallery expects 8$"):
+        g.rank(_unit(np.ones((2, 4))))
+    with pytest.raises(ShapeError, match="^queries have dimension 4, the gallery expects 8$"):
+        g.identify(_unit(np.ones((2, 4))))
 
 
 def test_an_empty_gallery_answers_unknown_without_candidates(tmp_path: Path) -> None:
@@ -192,6 +205,9 @@ def test_calibration_scores_name_what_is_wrong(gallery: Path) -> None:
         g.calibration_scores(many, strangers, imp)
     assert err.value.problem == ("genuine probes of people who are not enrolled: "
                                  "s0, s1, s2, s3, s4 ...")
+    with pytest.raises(GalleryError) as err:
+        g.calibration_scores(many[:6], strangers[:6], imp)
+    assert err.value.problem.endswith("s0, s1, s2, s3, s4 ...")
     with pytest.raises(GalleryError) as err:
         g.calibration_scores(many[:5], strangers[:5], imp)
     assert err.value.problem.endswith("s0, s1, s2, s3, s4")
