@@ -80,10 +80,12 @@ BREAKS: tuple[Break, ...] = (
     Break("align-black-border",
           "align_face pads with black instead of replicating the border",
           "facepipe/align.py",
+          "    m = similarity_matrix(landmarks, size)\n"
           "    return cv2.warpAffine(image, m, (int(size), int(size)), flags=cv2.INTER_LINEAR,\n"
-          "                          borderMode=cv2.BORDER_REPLICATE)\n\n\ndef box_crop",
+          "                          borderMode=cv2.BORDER_REPLICATE)\n",
+          "    m = similarity_matrix(landmarks, size)\n"
           "    return cv2.warpAffine(image, m, (int(size), int(size)), flags=cv2.INTER_LINEAR,\n"
-          "                          borderMode=cv2.BORDER_CONSTANT)\n\n\ndef box_crop",
+          "                          borderMode=cv2.BORDER_CONSTANT)\n",
           ("tests/test_align_reference.py", "tests/test_align.py")),
     Break("align-template-112",
           "align_face always uses the 112-px template whatever the crop size",
