@@ -168,8 +168,13 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
     globs = mutant_globs(t)
     t0 = time.time()
     log = (copy / "mutmut-run.log").open("w")
-    p = subprocess.run(mutmut + ["run", "--max-children", str(children), *globs], cwd=copy, env=env,
-                       stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    try:
+        p = subprocess.run(mutmut + ["run", "--max-children", str(children), *globs], cwd=copy, env=env,
+                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        status = "ran" if p.returncode == 0 else f"mutmut exit {p.returncode}"
+    except subprocess.TimeoutExpired:
+        # keep what mutmut recorded so far; mutants it did not reach are "not checked"
+        status = f"timed out after {timeout:.0f} s (partial)"
     seconds = time.time() - t0
     res = subprocess.run(mutmut + ["results", "--all", "true"], cwd=copy, env=env,
                          capture_output=True, text=True)
@@ -189,7 +194,7 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
     for st in statuses.values():
         counts[st] = counts.get(st, 0) + 1
     return {"target": name, "what": t.what, "files": list(t.files), "functions": list(t.functions),
-            "tests": list(t.tests), "status": "ran" if p.returncode == 0 else f"mutmut exit {p.returncode}",
+            "tests": list(t.tests), "status": status,
             "seconds": round(seconds), "counts": counts, "mutants": len(statuses),
             "survivors": survivors}
 
