@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,8 +138,8 @@ def train_student(cfg: DistillConfig, out: str | Path,
     from facepipe.embed.dlib_resnet import fuse_affines
     from facepipe.embed.network import build_network, make_checkpoint, save_checkpoint
     from facepipe.train.embedder import augment
-    from facepipe.train.embedder_dlib import _batches, _metric_rows, _to01, dlib_input, load_dev_data
-    from facepipe.train.embedder_dlib import DlibTrainConfig, make_loss_for
+    from facepipe.train.embedder_dlib import _batches, _metric_rows, _schedule, _to01, dlib_input, load_dev_data
+    from facepipe.train.embedder_dlib import embed_crops, make_loss_for
 
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -183,9 +182,8 @@ def train_student(cfg: DistillConfig, out: str | Path,
     mean = torch.tensor(pixel_mean, device=device).view(1, 3, 1, 1)
     metric_loss, miner = make_loss_for("multisimilarity")
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    batches = _batches(y, DlibTrainConfig(data=[], batch_size=cfg.batch_labelled, m_per_class=cfg.m_per_class))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.warmup_steps, cfg.steps))
+    batches = _batches(y, cfg.batch_labelled, cfg.m_per_class)
     amp = device.type == "cuda"
     size = int(cfg.input_size)
 
@@ -206,14 +204,8 @@ def train_student(cfg: DistillConfig, out: str | Path,
     t0 = time.time()
 
     def evaluate(step: int) -> dict[str, Any]:
-        student.eval()
-        out = []
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            for i in range(0, len(vcrops), 128):
-                x = dlib_input(_to01(vcrops[i:i + 128], device), mean)
-                out.append(F.normalize(student.forward_unnormalised(x).float(), dim=1).cpu().numpy())
         m = {"step": step, "seconds": round(time.time() - t0, 1),
-             "plain": verification_metrics(np.concatenate(out), dev.pairs)}
+             "plain": verification_metrics(embed_crops(student, vcrops, mean, device), dev.pairs)}
         history.append(m)
         log.info("step %d early-stop val: acc %.4f auc %.5f tar@1e-3 %.3f %.0fs", step, m["plain"]["accuracy"],
                  m["plain"]["auc"], m["plain"]["tar@far=0.001"], m["seconds"])

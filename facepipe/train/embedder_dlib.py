@@ -277,20 +277,22 @@ def make_train_step(model: str = "dlib-port", loss: str = "multisimilarity", lr:
 
 
 # -- training --------------------------------------------------------------------------------------
-def _schedule(cfg: DlibTrainConfig) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+def _schedule(warmup_steps: int, steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up, then cosine decay to zero at ``steps``."""
+    return lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps))
 
 
-def _batches(labels: np.ndarray, cfg: DlibTrainConfig):  # noqa: ANN202 - generator
+def _batches(labels: np.ndarray, batch_size: int, m_per_class: int):  # noqa: ANN202 - generator
+    """Endless batches of row indices, ``m_per_class`` photos per person (MPerClassSampler)."""
     from pytorch_metric_learning.samplers import MPerClassSampler
 
-    sampler = MPerClassSampler(labels, m=cfg.m_per_class, batch_size=cfg.batch_size,
-                               length_before_new_iter=max(len(labels), cfg.batch_size))
+    sampler = MPerClassSampler(labels, m=m_per_class, batch_size=batch_size,
+                               length_before_new_iter=max(len(labels), batch_size))
     while True:
         idx = np.fromiter(iter(sampler), dtype=np.int64)
-        for b in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size):
-            yield idx[b:b + cfg.batch_size]
+        for b in range(0, len(idx) - batch_size + 1, batch_size):
+            yield idx[b:b + batch_size]
 
 
 def _metric_rows(train: AlignedSet) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +406,7 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
     port, port_ck = _port()
     pre = dict(port_ck["preprocess"], flip_tta=cfg.flip_tta)
     mean = torch.tensor(pre["pixel_mean"], device=device).view(1, 3, 1, 1)
-    batches = _batches(y, cfg)
+    batches = _batches(y, cfg.batch_size, cfg.m_per_class)
     history: list[dict[str, Any]] = []
     t0 = time.time()
     uses_cache = cfg.regime == "transfer" or cfg.cut > 0
@@ -473,7 +475,7 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
     if uses_cache:
         loss_fn, miner = make_loss_for(cfg.loss)
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.warmup_steps, cfg.steps))
         anchor = {id(p): p.detach().clone() for p in trainable} if cfg.l2sp > 0 else {}
 
         def step_fn(bidx: np.ndarray) -> float:
@@ -499,7 +501,7 @@ def train_dlib_embedder(cfg: DlibTrainConfig, out: str | Path,
             net = net.to(memory_format=torch.channels_last)
         trainer = MetricTrainer(net, cfg.loss, cfg.lr, device, pre, cfg.weight_decay,
                                 params=trainable, augment=lambda x: augment(x, x.shape[-1], gen),
-                                schedule=_schedule(cfg), l2sp=cfg.l2sp)
+                                schedule=_schedule(cfg.warmup_steps, cfg.steps), l2sp=cfg.l2sp)
 
         def step_fn(bidx: np.ndarray) -> float:
             return trainer.step(dev.train.crops[metric_idx[bidx]], y[bidx])
