@@ -19,6 +19,19 @@ def astronaut() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def astronaut_photos(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> dict[str, Path]:
+    """Three photos of one person: the portrait (JPEG), a resized crop (PNG), its mirror (JPEG)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("photos")
+    p1, p2, p3 = d / "eileen1.jpg", d / "eileen2.png", d / "eileen3.jpg"
+    Image.fromarray(astronaut).save(p1, quality=95)
+    Image.fromarray(astronaut[20:480, 10:500]).resize((400, 360)).save(p2)
+    Image.fromarray(astronaut[:, ::-1]).save(p3, quality=90)
+    return {"p1": p1, "p2": p2, "p3": p3}
+
+
+@pytest.fixture(scope="session")
 def astronaut_path(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Path:
     """The astronaut photo written as a JPEG file."""
     from PIL import Image

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from facepipe.cli import cli
 from facepipe.embed import DEFAULT_CHECKPOINT, DEFAULT_NAME, SHIPPED, load_embedder
@@ -46,13 +44,8 @@ def test_previous_default_keeps_its_weights_under_its_name() -> None:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("photos")
-    p1, p2, p3 = d / "eileen1.jpg", d / "eileen2.png", d / "eileen3.jpg"
-    Image.fromarray(astronaut).save(p1, quality=95)
-    Image.fromarray(astronaut[20:480, 10:500]).resize((400, 360)).save(p2)
-    Image.fromarray(astronaut[:, ::-1]).save(p3, quality=90)
-    return {"p1": p1, "p2": p2, "p3": p3}
+def photos(astronaut_photos: dict[str, Path]) -> dict[str, Path]:
+    return astronaut_photos
 
 
 def test_gallery_built_with_the_previous_default_still_searches_with_it(

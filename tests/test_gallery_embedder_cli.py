@@ -53,13 +53,8 @@ def run(*args: object):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("photos")
-    p1, p2, p3 = d / "eileen1.jpg", d / "eileen2.png", d / "eileen3.jpg"
-    Image.fromarray(astronaut).save(p1, quality=95)
-    Image.fromarray(astronaut[20:480, 10:500]).resize((400, 360)).save(p2)
-    Image.fromarray(astronaut[:, ::-1]).save(p3, quality=90)
-    return {"p1": p1, "p2": p2, "p3": p3}
+def photos(astronaut_photos: dict[str, Path]) -> dict[str, Path]:
+    return astronaut_photos
 
 
 @pytest.fixture(scope="module")
