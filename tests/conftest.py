@@ -18,6 +18,18 @@ def astronaut() -> np.ndarray:
     return np.ascontiguousarray(data.astronaut())
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``):
+    on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def astronaut_photos(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> dict[str, Path]:
     """Three photos of one person: the portrait (JPEG), a resized crop (PNG), its mirror (JPEG)."""

@@ -56,14 +56,7 @@ def test_vote_is_independent_of_frame_order() -> None:
     assert names == {"ada"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():  # type: ignore[no-untyped-def]
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_video_names_the_track_by_the_majority_of_its_frames(tmp_path: Path, astronaut: np.ndarray) -> None:

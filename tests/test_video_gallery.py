@@ -19,15 +19,7 @@ from facepipe.cli import cli
 from test_video import face_clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers make 2 threads far slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
