@@ -394,3 +394,16 @@ def test_detect_cli_with_the_cnn_detector_prints_the_astronaut_with_landmarks(as
     assert face["detector"] == "cnn" and Box(face["x"], face["y"], face["w"], face["h"]).iou(head) >= 0.6
     iod = np.linalg.norm(ASTRONAUT_LANDMARKS[0] - ASTRONAUT_LANDMARKS[1])
     assert np.linalg.norm(np.asarray(face["landmarks"]) - ASTRONAUT_LANDMARKS, axis=1).mean() / iod < 0.1
+
+
+def test_packaged_face_free_images_are_found_and_face_free() -> None:
+    """The optional extra negatives exist in this install, load, and exclude the packaged faces."""
+    from facepipe.io import load_image
+    from facepipe.train.detector_data import packaged_scene_files
+
+    files = packaged_scene_files()
+    names = {f.name for f in files}
+    assert {"coins.png", "hubble_deep_field.jpg", "china.jpg"} <= names
+    assert not names & {"astronaut.png", "camera.png", "grace_hopper.jpg"}
+    coins = load_image(next(f for f in files if f.name == "coins.png"))
+    assert coins.ndim == 3 and coins.shape[2] == 3 and coins.dtype == np.uint8

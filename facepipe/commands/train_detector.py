@@ -62,6 +62,9 @@ def _scales(text: str) -> tuple[float, ...]:
               help="Face/non-face classifier that seeds the stride-8 trunk and head.")
 @click.option("--init", "init", default=None, metavar="CHECKPOINT",
               help="Continue from a detector checkpoint (a second phase) instead of the classifier seeds.")
+@click.option("--packaged-scenes", is_flag=True,
+              help="Also use the face-free sample images shipped inside scikit-image, scikit-learn and "
+                   "matplotlib (coins, cells, textures, ...) as scenes and hard-negative sources.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
@@ -72,7 +75,7 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
              mine_threshold: float, mine_per_image: int, mine_scales: tuple[float, ...], hard_fraction: float,
              target_precision: float,
              lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
-             device: str, seed: int,
+             packaged_scenes: bool, device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
     """Train the single-pass face detector with five landmarks.
 
@@ -102,7 +105,8 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         cache = teacher_cache or out / "cache" / "lfw_teacher.npz"
         report(f"facepipe: MTCNN teacher labels for LFW ({cache})", quiet)
         teacher = build_teacher_cache(root, teacher_files(root, lfw_per_person, max_people=lfw_people), cache)
-        train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person)
+        train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person,
+                                                  packaged_scenes=packaged_scenes)
         info["lfw_people_considered"] = lfw_people or "all"
         report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
         settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,

@@ -15,6 +15,13 @@ ground truth are never touched):
   (the landmark loss is masked); near-duplicates of ``caltech_webfaces_dev`` faces dropped.
 * **Face-free scenes** (49): backgrounds, decoy patches and hard negatives; split by
   image exactly as the classifier's data (same held-out scenes).
+* **Packaged face-free images** (optional, ``packaged_scenes=True``): the 25 photos
+  and textures without people that ship inside installed dependencies
+  (:func:`packaged_scene_files`: scikit-image's coins, cells, retina, Hubble field,
+  gravel, text, ...; scikit-learn's two sample photos; matplotlib's sample picture),
+  added to the scenes with the same by-name split. They bring what the 49 scenes
+  lack: small round and bright objects (coins, buttons, blobs) that a face detector
+  tuned on scenery fires on.
 
 A training sample is a square canvas (:class:`CompositeSampler`): either a scene
 background with several faces pasted at many scales (soft-edged cut-outs with
@@ -142,9 +149,36 @@ def teacher_files(data: Path, train_per_person: int = 4, val_per_person: int = 2
     return out
 
 
+#: Face-free images inside installed packages: (package, path inside it). People-free by
+#: inspection (scikit-image's astronaut and camera, matplotlib's grace_hopper excluded).
+PACKAGED_SCENES: tuple[tuple[str, str], ...] = tuple(
+    [("skimage", f"data/{n}") for n in (
+        "brick.png", "cell.png", "chelsea.png", "chessboard_RGB.png", "clock_motion.png", "coffee.png",
+        "coins.png", "color.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png",
+        "logo.png", "microaneurysms.png", "moon.png", "motorcycle_left.png", "page.png", "phantom.png",
+        "retina.jpg", "rocket.jpg", "text.png")]
+    + [("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+       ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png")])
+
+
+def packaged_scene_files() -> list[Path]:
+    """The :data:`PACKAGED_SCENES` that exist in this installation (missing packages are skipped)."""
+    import importlib.util
+
+    out = []
+    for pkg, rel in PACKAGED_SCENES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        f = Path(list(spec.submodule_search_locations)[0]) / rel
+        if f.is_file():
+            out.append(f)
+    return out
+
+
 def load_detector_sources(data: Path, teacher: TeacherLabels, max_per_person: int = 4,
-                          max_val_photos: int = 600, val_fraction: float = 0.2
-                          ) -> tuple[DetSplit, DetSplit, dict]:
+                          max_val_photos: int = 600, val_fraction: float = 0.2,
+                          packaged_scenes: bool = False) -> tuple[DetSplit, DetSplit, dict]:
     """Build the train and validation splits; see the module docstring."""
     from facepipe.io import IMAGE_EXTENSIONS, load_image
 
@@ -192,6 +226,13 @@ def load_detector_sources(data: Path, teacher: TeacherLabels, max_per_person: in
         split.scene_names.append(f.name)
     if not train.scenes or not val.scenes:
         raise InputError(sdir, "need face-free scenes for both splits")
+    if packaged_scenes:
+        extra = packaged_scene_files()
+        for f in extra:
+            split = val if (_stable_hash(f.name) % 1000) < 0.2 * 1000 else train
+            split.scenes.append(load_image(f))
+            split.scene_names.append(f"{f.parent.name}/{f.name}")
+        info["packaged_scenes"] = [f"{f.parent.name}/{f.name}" for f in extra]
     info["train"], info["val"] = train.summary(), val.summary()
     return train, val, info
 
