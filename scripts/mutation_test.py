@@ -19,6 +19,8 @@ Examples::
     nice -n 10 python scripts/mutation_test.py                          # every target (an hour or more)
     nice -n 10 python scripts/mutation_test.py --target align --target tracker
     python scripts/mutation_test.py --list
+    # a run kept apart (--out runs/x.json), then recorded in docs/mutation.json:
+    python scripts/mutation_test.py --import runs/x.json
 
 Functions are mutmut's names: ``name`` for a module function, ``Class.method`` for a
 method (mutmut spells it ``xǁClassǁmethod``). When code moves (a module split into a
@@ -69,7 +71,19 @@ TARGETS: dict[str, Target] = {
          "tests/test_align.py::test_bad_landmarks_raise", "tests/test_align.py::test_box_crop_centres_the_box",
          "tests/test_align_reference.py")),
     "detector-post": Target(
-        "CNN detector post-processing: pyramid, score-map decoding, NMS, Haar+CNN verification",
+        "single-pass CNN detector (--detector cnn) post-processing: box/landmark decoding, score "
+        "threshold, input scaling, the coarse pass, NMS, min_size, ordering",
+        ("facepipe/detect/fpn.py",),
+        ("decode", "FPNDetector.input_scale", "FPNDetector._pass", "FPNDetector._run"),
+        ("tests/test_fpn_postprocess.py", "tests/test_fpn_detector.py::test_encode_decode_roundtrip",
+         "tests/test_fpn_detector.py::test_shipped_detector_finds_the_astronaut_once_with_landmarks_near_mtcnn",
+         "tests/test_fpn_detector.py::test_shipped_detector_on_tiny_and_blank_images",
+         "tests/test_fpn_detector.py::test_shipped_detector_batched_equals_single",
+         "tests/test_detector_contract.py::test_no_two_boxes_overlap_beyond_the_nms_threshold[cnn]",
+         "tests/test_detector_contract.py::test_the_one_face_is_reported_once_best_first[cnn]")),
+    "detector-post-pyramid": Target(
+        "the first CNN detector (--detector cnn-pyramid) post-processing: pyramid, score-map decoding, "
+        "NMS, Haar+CNN verification",
         ("facepipe/detect/cnn.py",),
         ("pyramid_scales", "decode_map", "crops_around", "CNNDetector._run", "CNNDetector.detect_batch",
          "CNNDetector._detect_same_size", "CNNDetector.raw_boxes", "HaarCNNDetector.detect"),
@@ -82,11 +96,35 @@ TARGETS: dict[str, Target] = {
     "tracker": Target(
         "tracker (prediction, affinity, assignment, track lifetime) and the identity vote",
         ("facepipe/track.py",), (),
-        ("tests/test_track.py",
+        ("tests/test_track.py", "tests/test_track_reid.py",
          "tests/test_track_identity.py::test_track_votes_follow_the_majority_not_the_first_frame",
-         "tests/test_track_identity.py::test_vote_is_independent_of_frame_order")),
+         "tests/test_track_identity.py::test_vote_is_independent_of_frame_order",
+         # re-identification (stitch_tracks, merge_tracks) and duplicate suppression: without
+         # these the run reports their 244 mutants as "no tests"
+         "tests/test_video_outputs.py::test_stitch_joins_a_lost_and_found_face",
+         "tests/test_video_outputs.py::test_stitch_refuses",
+         "tests/test_video_outputs.py::test_stitch_across_a_cut_only_when_asked",
+         "tests/test_video_outputs.py::test_stitch_chains_and_prefers_the_most_similar",
+         "tests/test_video_outputs.py::test_brute_force_stitch_matches_greedy_on_random_tracks",
+         "tests/test_video_outputs.py::test_tracker_unchanged_for_a_steady_face",
+         "tests/test_video_outputs.py::test_suppress_duplicates_drops_nested_boxes_of_one_face")),
     "checkpoint": Target(
-        "checkpoint loading and validation (embedder and CNN classifier)",
+        "checkpoint loading and validation: the embedder's (format, fields, preprocessing, weights) "
+        "and the CNN detector's",
+        ("facepipe/embed/network.py", "facepipe/detect/fpn.py"),
+        ("load_checkpoint", "_require", "_load_state", "NetworkEmbedder.from_checkpoint",
+         "NetworkEmbedder.from_checkpoint_dict", "load_detector", "_config_from_dict", "resolve_detector_weights"),
+        ("tests/test_checkpoint_validation.py",
+         "tests/test_embedder.py::test_checkpoint_round_trip_keeps_id_and_vectors",
+         "tests/test_embedder.py::test_corrupt_and_mismatched_checkpoints_name_the_file",
+         "tests/test_embedder.py::test_shipped_default_checkpoint_is_self_describing",
+         "tests/test_embedder_quality.py::test_default_embedder_runs_the_checkpoint_weights",
+         "tests/test_fpn_detector.py::test_checkpoint_roundtrip_keeps_threshold_and_calibration",
+         "tests/test_fpn_detector.py::test_bad_checkpoints_raise_checkpoint_error_naming_the_file",
+         "tests/test_fpn_detector.py::test_shipped_detector_is_package_data_and_says_how_its_threshold_was_chosen")),
+    "checkpoint-classifier": Target(
+        "checkpoint writing and loading of the embedder and the CNN face/non-face classifier (the whole "
+        "save/make/load set: ~2,000 mutants, hours)",
         ("facepipe/embed/network.py", "facepipe/detect/cnn.py"),
         ("load_checkpoint", "_require", "_load_state", "state_dict_hash", "NetworkEmbedder.from_checkpoint",
          "resolve_weights", "save_checkpoint", "make_checkpoint"),
@@ -199,6 +237,36 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
             "survivors": survivors}
 
 
+def target_command(name: str, args: argparse.Namespace) -> str:
+    """The command line that reruns one target as this run did."""
+    cmd = f"python scripts/mutation_test.py --target {name}"
+    if args.children != 1:
+        cmd += f" --children {args.children}"
+    if args.timeout_multiplier != 15:
+        cmd += f" --timeout-multiplier {args.timeout_multiplier:g}"
+    return cmd
+
+
+def import_results(src: Path, out: Path, only: list[str]) -> int:
+    """Merge the target records of results file ``src`` into ``out`` (same format)."""
+    new = json.loads(src.read_text())
+    records = [r for r in new.get("targets", []) if not only or r["target"] in only]
+    if not records:
+        print(f"{src}: no target records to import", file=sys.stderr)
+        return 1
+    for r in records:   # files written before targets recorded their own command
+        r.setdefault("command", new.get("command", ""))
+    doc = json.loads(out.read_text()) if out.is_file() else {k: v for k, v in new.items() if k != "targets"}
+    names = {r["target"] for r in records}
+    doc["targets"] = [r for r in doc.get("targets", []) if r["target"] not in names] + records
+    for key in ("commit", "date", "machine", "mutmut"):
+        doc[key] = new.get(key, doc.get(key))
+    doc["command"] = records[-1]["command"]
+    out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    print(f"{', '.join(sorted(names))} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", action="append", default=[], help=f"one of {', '.join(TARGETS)} (repeatable)")
@@ -211,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                          "raise it on a busy machine, where load spikes look like timeouts]")
     ap.add_argument("--keep", type=Path, default=None, help="keep the scratch copies here (for mutmut browse)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (e.g. -m 'not slow')")
+    ap.add_argument("--import", dest="import_from", type=Path, default=None, metavar="JSON",
+                    help="run nothing: copy the targets of another results file (a run written with --out "
+                         "elsewhere) into --out, replacing those targets there")
     args = ap.parse_args(argv)
+    if args.import_from is not None:
+        return import_results(args.import_from, args.out, args.target)
     if args.list:
         for k, t in TARGETS.items():
             print(f"{k:18s} {', '.join(t.files):45s} {t.what}")
@@ -255,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             r["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()
             r["date"] = time.strftime("%Y-%m-%d")
+            r["command"] = target_command(name, args)
+            r["children"] = args.children
+            r["timeout_multiplier"] = args.timeout_multiplier
             # the last commit that changed the mutated files (the code under test)
             r["source_commit"] = subprocess.run(["git", "log", "-1", "--format=%H", "--", *TARGETS[name].files],
                                                 cwd=ROOT, capture_output=True, text=True).stdout.strip()
