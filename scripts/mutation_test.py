@@ -21,6 +21,8 @@ Examples::
     python scripts/mutation_test.py --list
     # a run kept apart (--out runs/x.json), then recorded in docs/mutation.json:
     python scripts/mutation_test.py --import runs/x.json
+    # after adding tests: only that run's survivors again, its figures updated
+    nice -n 10 python scripts/mutation_test.py --target tracker --recheck runs/x.json --out runs/x2.json
 
 Functions are mutmut's names: ``name`` for a module function, ``Class.method`` for a
 method (mutmut spells it ``xǁClassǁmethod``). When code moves (a module split into a
@@ -177,7 +179,8 @@ def toml_list(items: list[str] | tuple[str, ...]) -> str:
 
 
 def run_target(name: str, t: Target, workdir: Path, children: int, timeout: float,
-               extra_pytest: list[str], timeout_multiplier: float = 15.0) -> dict:
+               extra_pytest: list[str], timeout_multiplier: float = 15.0,
+               only: list[str] | None = None) -> dict:
     missing = [f for f in t.files + t.tests if not (ROOT / f.split("::")[0]).exists()]
     if missing:
         return {"target": name, "what": t.what, "status": "stale", "missing": missing}
@@ -203,7 +206,7 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
     if data is not None:
         env["FACEPIPE_DATA"] = str(data.resolve())
     mutmut = [sys.executable, "-m", "mutmut"]
-    globs = mutant_globs(t)
+    globs = sorted(only) if only else mutant_globs(t)
     t0 = time.time()
     log = (copy / "mutmut-run.log").open("w")
     try:
@@ -237,6 +240,37 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
             "survivors": survivors}
 
 
+def previous_record(path: Path, name: str) -> dict | None:
+    """Target ``name``'s record in results file ``path`` (``None`` when it has none)."""
+    doc = json.loads(path.read_text())
+    for r in doc.get("targets", []):
+        if r["target"] == name and "survivors" in r:
+            return r
+    return None
+
+
+def merge_recheck(earlier: dict, now: dict, source: Path) -> dict:
+    """The earlier run's record with its survivors' statuses replaced by this recheck's."""
+    if now.get("status") == "stale" or "counts" not in now:
+        return now
+    counts = dict(earlier["counts"])
+    for st in ("survived", "no tests"):        # the earlier statuses of the rechecked mutants
+        counts.pop(st, None)
+    rechecked = len(earlier["survivors"])
+    for st, n in now["counts"].items():
+        counts[st] = counts.get(st, 0) + n
+    unseen = rechecked - sum(now["counts"].values())
+    if unseen:
+        counts["not rechecked"] = unseen
+    out = dict(earlier)
+    out.update({"counts": counts, "survivors": now["survivors"], "tests": now["tests"], "status": now["status"],
+                "rechecked": {"from": str(source), "earlier_counts": earlier["counts"],
+                              "earlier_seconds": earlier.get("seconds"), "earlier_commit": earlier.get("commit"),
+                              "mutants": rechecked, "seconds": now["seconds"]}})
+    out["seconds"] = earlier.get("seconds", 0) + now["seconds"]
+    return out
+
+
 def target_command(name: str, args: argparse.Namespace) -> str:
     """The command line that reruns one target as this run did."""
     cmd = f"python scripts/mutation_test.py --target {name}"
@@ -244,6 +278,8 @@ def target_command(name: str, args: argparse.Namespace) -> str:
         cmd += f" --children {args.children}"
     if args.timeout_multiplier != 15:
         cmd += f" --timeout-multiplier {args.timeout_multiplier:g}"
+    if args.recheck:
+        cmd += f" --recheck {args.recheck}"
     return cmd
 
 
@@ -279,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                          "raise it on a busy machine, where load spikes look like timeouts]")
     ap.add_argument("--keep", type=Path, default=None, help="keep the scratch copies here (for mutmut browse)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (e.g. -m 'not slow')")
+    ap.add_argument("--recheck", type=Path, default=None, metavar="JSON",
+                    help="run only the mutants that survived (or had no tests) in this earlier results file, "
+                         "against the current tests, and record the earlier run's figures updated with the "
+                         "outcome (killed mutants stay killed when tests are added)")
     ap.add_argument("--import", dest="import_from", type=Path, default=None, metavar="JSON",
                     help="run nothing: copy the targets of another results file (a run written with --out "
                          "elsewhere) into --out, replacing those targets there")
@@ -323,8 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in chosen:
             print(f"{name}: running mutmut ...", flush=True)
+            earlier = previous_record(args.recheck, name) if args.recheck else None
+            only = sorted(earlier["survivors"]) if earlier else None
+            if earlier is not None and not only:
+                print(f"{name}: no survivors in {args.recheck}: nothing to recheck", flush=True)
+                continue
             r = run_target(name, TARGETS[name], workdir, args.children, args.timeout, args.pytest_arg,
-                           args.timeout_multiplier)
+                           args.timeout_multiplier, only)
+            if earlier is not None:
+                r = merge_recheck(earlier, r, args.recheck)
             r["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()
             r["date"] = time.strftime("%Y-%m-%d")
