@@ -241,3 +241,32 @@ def test_detector_checkpoint_errors_say_what_is_wrong(det_path: Path, tmp_path: 
     assert resolve_detector_weights("default").is_file()
     assert resolve_detector_weights(None) == resolve_detector_weights("default")
     assert resolve_detector_weights("~/x.pt") == Path.home() / "x.pt"
+
+
+class _RunsCode:
+    """A pickle that, when loaded without ``weights_only``, creates a directory (as a hostile
+    checkpoint would run any command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_loading_a_checkpoint_never_runs_code_from_it(good: dict[str, Any], det_path: Path, tmp_path: Path) -> None:
+    """Checkpoints are read with ``weights_only``: a file carrying code is refused as unreadable
+    (naming the unpickler's error), and the code does not run."""
+    from facepipe.detect.fpn import load_detector
+
+    doc = torch.load(det_path, map_location="cpu", weights_only=True)
+    for kind, ck, load in (("embedder", _tiny(good), load_checkpoint), ("detector", doc, load_detector)):
+        marker = tmp_path / f"ran-{kind}"
+        p = tmp_path / f"hostile-{kind}.pt"
+        torch.save({**ck, "payload": _RunsCode(marker)}, p)
+        with pytest.raises(CheckpointError) as info:
+            load(p)
+        assert not marker.exists(), f"loading the {kind} checkpoint ran code from it"
+        assert "UnpicklingError" in info.value.problem and info.value.path == str(p)
