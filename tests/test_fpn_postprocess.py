@@ -38,21 +38,23 @@ def _side(b: Box) -> float:
 def test_decode_matches_the_closed_form_and_clamps_the_size() -> None:
     """Centre = anchor + offset·size, side = size·exp(t) with t clamped to ±4, landmarks =
     anchor + offset·size, for hand-written raw outputs."""
-    anchors = torch.tensor([[50.0, 60.0, 32.0], [200.0, 100.0, 128.0], [10.0, 20.0, 16.0]])
-    raw = torch.zeros(3, 15)
+    anchors = torch.tensor([[50.0, 60.0, 32.0], [200.0, 100.0, 128.0], [10.0, 20.0, 16.0], [200.0, 100.0, 128.0]])
+    raw = torch.zeros(4, 15)
     raw[0, 1:5] = torch.tensor([0.5, -0.25, math.log(2.0), math.log(0.5)])
     raw[1, 1:5] = torch.tensor([0.0, 0.0, 9.0, -9.0])            # beyond the clamp
+    raw[3, 1:5] = torch.tensor([0.0, 0.0, -9.0, 9.0])            # beyond it the other way
     raw[2, 5:] = torch.arange(10, dtype=torch.float32) / 10 - 0.5
     boxes, lm = decode(raw, anchors)
     cx, cy, w, h = 50 + 16, 60 - 8, 64, 16
     torch.testing.assert_close(boxes[0], torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
     w, h = 128 * math.exp(4.0), 128 * math.exp(-4.0)
     torch.testing.assert_close(boxes[1], torch.tensor([200 - w / 2, 100 - h / 2, 200 + w / 2, 100 + h / 2]))
+    torch.testing.assert_close(boxes[3], torch.tensor([200 - h / 2, 100 - w / 2, 200 + h / 2, 100 + w / 2]))
     torch.testing.assert_close(boxes[2], torch.tensor([2.0, 12.0, 18.0, 28.0]))
     off = (np.arange(10) / 10 - 0.5).reshape(5, 2)
     torch.testing.assert_close(lm[2], torch.from_numpy(np.array([10.0, 20.0]) + off * 16).float())
     torch.testing.assert_close(lm[0], anchors[0, :2].expand(5, 2))
-    assert boxes.shape == (3, 4) and lm.shape == (3, 5, 2)
+    assert boxes.shape == (4, 4) and lm.shape == (4, 5, 2)
 
 
 def test_threshold_nms_and_order_on_the_astronaut(astronaut: np.ndarray) -> None:
@@ -73,8 +75,19 @@ def test_threshold_nms_and_order_on_the_astronaut(astronaut: np.ndarray) -> None
     assert len([f for f in kept if f.box.iou(HEAD) >= 0.5]) == 1   # ... and leaves one box on the face
     assert kept[0].score == pytest.approx(dup[0].score)         # the best box is the one kept
     # a per-call threshold (raw) gives the same boxes as a detector built with it
-    b, s, _ = FPNDetector(device="cpu").raw([astronaut], threshold=0.1)[0]
+    b, s, lm = FPNDetector(device="cpu").raw([astronaut], threshold=0.1)[0]
     assert np.allclose(s, scores, atol=1e-6) and len(b) == len(faces)
+    assert b.dtype == s.dtype == lm.dtype == np.float32
+
+
+def test_a_single_candidate_box_is_returned(astronaut: np.ndarray) -> None:
+    """A threshold between the two best candidates' scores leaves one box in the whole
+    image, before suppression: it comes back."""
+    every = FPNDetector(device="cpu", threshold=0.5, nms_iou=1.0).detect(astronaut)
+    s0, s1 = every[0].score, every[1].score
+    assert s0 > s1
+    (only,) = FPNDetector(device="cpu", threshold=(s0 + s1) / 2).detect(astronaut)
+    assert only.score == pytest.approx(s0) and only.box.iou(every[0].box) > 0.999
 
 
 def test_max_faces_keeps_the_best(astronaut: np.ndarray) -> None:
