@@ -130,6 +130,7 @@ def test_the_embedder_carries_the_checkpoint_weights_and_records(good: dict[str,
     assert emb.provenance == {"source": "test"} and emb.calibration == {"threshold": 0.41}
     assert emb.training == {"loss": "test"} and emb.checkpoint_extra == {"notes": "kept as is"}
     assert emb.crop_size == 112 and emb.dim == 32
+    assert NetworkEmbedder.from_checkpoint(p).device.type in ("cpu", "cuda")     # the default device: auto
     own = emb.net.state_dict()
     for k, v in good["state_dict"].items():
         if v.is_floating_point():
@@ -202,6 +203,16 @@ def test_detector_checkpoint_loads_what_was_saved(det_path: Path) -> None:
     assert ck.path == str(det_path) and ck.sha256 == hashlib.sha256(det_path.read_bytes()).hexdigest()
     assert not ck.net.training
     assert all(v.dtype == torch.float32 for v in ck.net.state_dict().values() if v.is_floating_point())
+
+
+def test_detector_checkpoint_without_the_optional_records_loads(det_path: Path, tmp_path: Path) -> None:
+    """``calibration`` and ``meta`` are optional (a hand-made or older checkpoint may lack them)."""
+    from facepipe.detect.fpn import load_detector
+
+    doc = torch.load(det_path, map_location="cpu", weights_only=True)
+    bare = {k: v for k, v in doc.items() if k not in ("calibration", "meta")}
+    ck = load_detector(_save(tmp_path, bare, "bare.pt"))
+    assert ck.calibration == {} and ck.meta == {} and ck.threshold == 0.5
 
 
 def test_detector_checkpoint_threshold_must_be_a_probability(det_path: Path, tmp_path: Path) -> None:
