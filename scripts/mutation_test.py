@@ -21,8 +21,9 @@ Examples::
     python scripts/mutation_test.py --list
     # a run kept apart (--out runs/x.json), then recorded in docs/mutation.json:
     python scripts/mutation_test.py --import runs/x.json
-    # after adding tests: only that run's survivors again, its figures updated
-    nice -n 10 python scripts/mutation_test.py --target tracker --recheck runs/x.json --out runs/x2.json
+    # after adding tests: only the survivors (and mutants a timed-out run did not reach) again
+    nice -n 10 python scripts/mutation_test.py --target tracker --keep runs/copies --out runs/x.json
+    nice -n 10 python scripts/mutation_test.py --target tracker --recheck runs/copies --out runs/x.json
 
 Functions are mutmut's names: ``name`` for a module function, ``Class.method`` for a
 method (mutmut spells it ``xǁClassǁmethod``). When code moves (a module split into a
@@ -178,26 +179,7 @@ def toml_list(items: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def run_target(name: str, t: Target, workdir: Path, children: int, timeout: float,
-               extra_pytest: list[str], timeout_multiplier: float = 15.0,
-               only: list[str] | None = None) -> dict:
-    missing = [f for f in t.files + t.tests if not (ROOT / f.split("::")[0]).exists()]
-    if missing:
-        return {"target": name, "what": t.what, "status": "stale", "missing": missing}
-    copy = workdir / name
-    if copy.exists():      # a kept copy of an earlier run: mutmut would reuse its cached results
-        shutil.rmtree(copy)
-    make_copy(ROOT, copy)
-    with open(copy / "pyproject.toml", "a") as f:
-        f.write("\n[tool.mutmut]\n"
-                f'source_paths = ["facepipe"]\n'
-                f"only_mutate = {toml_list(t.files)}\n"
-                f"pytest_add_cli_args_test_selection = {toml_list(t.tests)}\n"
-                f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-q', *extra_pytest])}\n"
-                'process_isolation = "forkserver"\n'
-                'also_copy = ["scripts", "cascades"]\n'
-                "use_git_change_detection = false\n"
-                f"timeout_multiplier = {float(timeout_multiplier)}\n")
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the mutated copy, not a worktree
     env.setdefault("OMP_NUM_THREADS", "1")
     from facepipe.datasets import data_root
@@ -205,27 +187,73 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
     data = data_root(required=False)
     if data is not None:
         env["FACEPIPE_DATA"] = str(data.resolve())
+    return env
+
+
+def _statuses(copy: Path, env: dict[str, str], globs: list[str]) -> dict[str, str]:
+    """mutmut's status of every mutant matching ``globs`` in a copy."""
+    from fnmatch import fnmatch
+
+    res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=copy, env=env,
+                         capture_output=True, text=True)
+    out: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        m = STATUS_RE.match(line)
+        if m and any(fnmatch(m.group(1), g) for g in globs):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def run_target(name: str, t: Target, workdir: Path, children: int, timeout: float,
+               extra_pytest: list[str], timeout_multiplier: float = 15.0,
+               recheck: Path | None = None) -> dict:
+    """Run mutmut on one target in a fresh copy of the repository, or, with ``recheck`` (a copy
+    kept by an earlier run), only on the mutants that survived there or were not reached,
+    against the current tests (copied in): killed mutants stay killed."""
+    missing = [f for f in t.files + t.tests if not (ROOT / f.split("::")[0]).exists()]
+    if missing:
+        return {"target": name, "what": t.what, "status": "stale", "missing": missing}
+    env = _env()
     mutmut = [sys.executable, "-m", "mutmut"]
-    globs = sorted(only) if only else mutant_globs(t)
+    globs = mutant_globs(t)
+    names: list[str] = globs
+    if recheck is not None:
+        copy = recheck / name
+        if not (copy / "mutants").is_dir():
+            raise SystemExit(f"{copy}: not a kept mutmut copy of target {name} (run with --keep first)")
+        for tests in (copy / "tests", copy / "mutants" / "tests"):   # mutmut runs the tests from mutants/
+            shutil.rmtree(tests, ignore_errors=True)
+            shutil.copytree(ROOT / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
+        names = sorted(m for m, st in _statuses(copy, env, globs).items()
+                       if st in ("survived", "no tests", "not checked"))
+        if not names:
+            return {"target": name, "what": t.what, "status": "nothing to recheck"}
+    else:
+        copy = workdir / name
+        if copy.exists():      # a kept copy of an earlier run: mutmut would reuse its cached results
+            shutil.rmtree(copy)
+        make_copy(ROOT, copy)
+        with open(copy / "pyproject.toml", "a") as f:
+            f.write("\n[tool.mutmut]\n"
+                    f'source_paths = ["facepipe"]\n'
+                    f"only_mutate = {toml_list(t.files)}\n"
+                    f"pytest_add_cli_args_test_selection = {toml_list(t.tests)}\n"
+                    f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', '-q', *extra_pytest])}\n"
+                    'process_isolation = "forkserver"\n'
+                    'also_copy = ["scripts", "cascades"]\n'
+                    "use_git_change_detection = false\n"
+                    f"timeout_multiplier = {float(timeout_multiplier)}\n")
     t0 = time.time()
-    log = (copy / "mutmut-run.log").open("w")
+    log = (copy / ("mutmut-recheck.log" if recheck else "mutmut-run.log")).open("w")
     try:
-        p = subprocess.run(mutmut + ["run", "--max-children", str(children), *globs], cwd=copy, env=env,
+        p = subprocess.run(mutmut + ["run", "--max-children", str(children), *names], cwd=copy, env=env,
                            stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         status = "ran" if p.returncode == 0 else f"mutmut exit {p.returncode}"
     except subprocess.TimeoutExpired:
         # keep what mutmut recorded so far; mutants it did not reach are "not checked"
         status = f"timed out after {timeout:.0f} s (partial)"
     seconds = time.time() - t0
-    res = subprocess.run(mutmut + ["results", "--all", "true"], cwd=copy, env=env,
-                         capture_output=True, text=True)
-    from fnmatch import fnmatch
-
-    statuses: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        m = STATUS_RE.match(line)
-        if m and any(fnmatch(m.group(1), g) for g in globs):
-            statuses[m.group(1)] = m.group(2).strip()
+    statuses = _statuses(copy, env, globs)
     survivors = {}
     for mutant, st in statuses.items():
         if st in ("survived", "no tests"):
@@ -234,40 +262,12 @@ def run_target(name: str, t: Target, workdir: Path, children: int, timeout: floa
     counts: dict[str, int] = {}
     for st in statuses.values():
         counts[st] = counts.get(st, 0) + 1
-    return {"target": name, "what": t.what, "files": list(t.files), "functions": list(t.functions),
-            "tests": list(t.tests), "status": status,
-            "seconds": round(seconds), "counts": counts, "mutants": len(statuses),
-            "survivors": survivors}
-
-
-def previous_record(path: Path, name: str) -> dict | None:
-    """Target ``name``'s record in results file ``path`` (``None`` when it has none)."""
-    doc = json.loads(path.read_text())
-    for r in doc.get("targets", []):
-        if r["target"] == name and "survivors" in r:
-            return r
-    return None
-
-
-def merge_recheck(earlier: dict, now: dict, source: Path) -> dict:
-    """The earlier run's record with its survivors' statuses replaced by this recheck's."""
-    if now.get("status") == "stale" or "counts" not in now:
-        return now
-    counts = dict(earlier["counts"])
-    for st in ("survived", "no tests"):        # the earlier statuses of the rechecked mutants
-        counts.pop(st, None)
-    rechecked = len(earlier["survivors"])
-    for st, n in now["counts"].items():
-        counts[st] = counts.get(st, 0) + n
-    unseen = rechecked - sum(now["counts"].values())
-    if unseen:
-        counts["not rechecked"] = unseen
-    out = dict(earlier)
-    out.update({"counts": counts, "survivors": now["survivors"], "tests": now["tests"], "status": now["status"],
-                "rechecked": {"from": str(source), "earlier_counts": earlier["counts"],
-                              "earlier_seconds": earlier.get("seconds"), "earlier_commit": earlier.get("commit"),
-                              "mutants": rechecked, "seconds": now["seconds"]}})
-    out["seconds"] = earlier.get("seconds", 0) + now["seconds"]
+    out = {"target": name, "what": t.what, "files": list(t.files), "functions": list(t.functions),
+           "tests": list(t.tests), "status": status,
+           "seconds": round(seconds), "counts": counts, "mutants": len(statuses),
+           "survivors": survivors}
+    if recheck is not None:
+        out["rechecked"] = {"copy": str(recheck), "mutants": len(names), "seconds": round(seconds)}
     return out
 
 
@@ -315,10 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                          "raise it on a busy machine, where load spikes look like timeouts]")
     ap.add_argument("--keep", type=Path, default=None, help="keep the scratch copies here (for mutmut browse)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument (e.g. -m 'not slow')")
-    ap.add_argument("--recheck", type=Path, default=None, metavar="JSON",
-                    help="run only the mutants that survived (or had no tests) in this earlier results file, "
-                         "against the current tests, and record the earlier run's figures updated with the "
-                         "outcome (killed mutants stay killed when tests are added)")
+    ap.add_argument("--recheck", type=Path, default=None, metavar="DIR",
+                    help="continue the copies an earlier run kept (--keep DIR): copy the current tests in and "
+                         "run only the mutants that survived there or were not reached (killed stay killed)")
     ap.add_argument("--import", dest="import_from", type=Path, default=None, metavar="JSON",
                     help="run nothing: copy the targets of another results file (a run written with --out "
                          "elsewhere) into --out, replacing those targets there")
@@ -363,15 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in chosen:
             print(f"{name}: running mutmut ...", flush=True)
-            earlier = previous_record(args.recheck, name) if args.recheck else None
-            only = sorted(earlier["survivors"]) if earlier else None
-            if earlier is not None and not only:
-                print(f"{name}: no survivors in {args.recheck}: nothing to recheck", flush=True)
-                continue
             r = run_target(name, TARGETS[name], workdir, args.children, args.timeout, args.pytest_arg,
-                           args.timeout_multiplier, only)
-            if earlier is not None:
-                r = merge_recheck(earlier, r, args.recheck)
+                           args.timeout_multiplier, args.recheck)
+            if "rechecked" in r and args.out.is_file():   # the run whose copy was continued
+                earlier = [e for e in json.loads(args.out.read_text()).get("targets", []) if e["target"] == name]
+                if earlier and "counts" in earlier[0]:
+                    r["rechecked"].update(earlier_counts=earlier[0]["counts"], earlier_seconds=earlier[0]["seconds"],
+                                          earlier_status=earlier[0]["status"])
+                    r["seconds_total"] = earlier[0]["seconds"] + r["seconds"]
             r["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()
             r["date"] = time.strftime("%Y-%m-%d")
