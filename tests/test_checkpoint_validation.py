@@ -131,6 +131,12 @@ def test_the_embedder_carries_the_checkpoint_weights_and_records(good: dict[str,
     assert emb.training == {"loss": "test"} and emb.checkpoint_extra == {"notes": "kept as is"}
     assert emb.crop_size == 112 and emb.dim == 32
     assert NetworkEmbedder.from_checkpoint(p).device.type in ("cpu", "cuda")     # the default device: auto
+    # options reach the embedder; a checkpoint without a version says "0"
+    opt = NetworkEmbedder.from_checkpoint(p, device="cpu", flip_tta=True, batch_size=3)
+    assert opt.flip_tta and opt.batch_size == 3 and opt.embedder_id == emb.embedder_id + "+flip"
+    unversioned = NetworkEmbedder.from_checkpoint(_save(tmp_path, {k: v for k, v in ck.items() if k != "version"},
+                                                        "nover.pt"), device="cpu")
+    assert unversioned.version == "0"
     own = emb.net.state_dict()
     for k, v in good["state_dict"].items():
         if v.is_floating_point():
@@ -168,7 +174,7 @@ def test_weights_that_do_not_fit_are_refused_with_counts(good: dict[str, Any], t
     p = _save(tmp_path, {**good, "arch": {**ARCH, "dim": "wide"}}, "arch.pt")
     with pytest.raises(CheckpointError) as info:
         NetworkEmbedder.from_checkpoint(p, device="cpu")
-    assert info.value.problem.startswith("bad architecture record (")
+    assert info.value.problem.startswith("bad architecture record (") and info.value.path == str(p)
 
 
 # -- the CNN detector's checkpoint ------------------------------------------------------------------
