@@ -117,6 +117,10 @@ def test_input_scale_follows_min_size_and_max_pixels(shipped: FPNDetector) -> No
     assert mp.input_scale(1024, 1024) == pytest.approx(0.5)
     both = FPNDetector(device="cpu", min_size=20.0, max_pixels=100 * 100)
     assert both.input_scale(400, 400) == pytest.approx(0.25)    # max_pixels wins over min_size's 0.8
+    # max_pixels is checked after min_size's shrink: 1500² px shrunk by 0.5 fit in 1e6 px
+    fits = FPNDetector(device="cpu", min_size=32.0, max_pixels=1e6)
+    assert fits.input_scale(1500, 1500) == pytest.approx(0.5)
+    assert FPNDetector(device="cpu", max_pixels=1e6).input_scale(1500, 1500) == pytest.approx(1000 / 1500)
 
 
 def test_downscaled_images_report_boxes_in_original_pixels(astronaut: np.ndarray) -> None:

@@ -373,7 +373,8 @@ def _load_state(net: "nn.Module", sd: Mapping[str, "torch.Tensor"]) -> tuple[lis
     bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     good = {k: v for k, v in sd.items() if k not in bad}
     res = net.load_state_dict(good, strict=False)
-    return list(res.missing_keys) + bad, list(res.unexpected_keys)
+    # a reshaped key was left out of ``good``, so torch already reports it as missing
+    return list(res.missing_keys) + [k for k in bad if k not in res.missing_keys], list(res.unexpected_keys)
 
 
 def untrained_embedder(dim: int = 128, crop_size: int = 112, device: str = "auto",
