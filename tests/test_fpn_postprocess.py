@@ -149,6 +149,21 @@ def test_the_shrunk_pass_finds_a_face_larger_than_the_training_canvases(astronau
     assert FPNDetector(device="cpu", large_faces=False).detect(portrait) == []
 
 
+def test_the_shrunk_pass_measures_box_sides_in_both_axes(astronaut: np.ndarray) -> None:
+    """The same large head far from the top-left corner (the portrait padded on the left,
+    then on the top): the shrunk pass's size floor uses each box's own width and height,
+    so the head is still found wherever it sits."""
+    crop = astronaut[30:210, 130:310]
+    portrait = cv2.resize(crop, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+    ph, pw = portrait.shape[:2]
+    for dy, dx in ((0, 600), (600, 0)):
+        canvas = np.full((ph + dy, pw + dx, 3), 128, np.uint8)
+        canvas[dy:, dx:] = portrait
+        head = Box((HEAD.x - 130) * 3 + dx, (HEAD.y - 30) * 3 + dy, HEAD.w * 3, HEAD.h * 3)
+        faces = FPNDetector(device="cpu").detect(canvas)
+        assert len(faces) == 1 and faces[0].box.iou(head) >= 0.6, (dy, dx, faces)
+
+
 def test_non_square_images_keep_rows_and_columns_apart(astronaut: np.ndarray) -> None:
     """On a wide (400 × 452) and a tall (512 × 300) crop the face comes back where it is."""
     for y0, y1, x0, x1 in ((0, 400, 60, 512), (0, 512, 100, 400)):
