@@ -1,8 +1,7 @@
 """Docs that match their results: scripts/check_docs.py on the repository and on known cases.
 
-Every results table in README.md and docs/*.md that carries a source marker must agree
-with its committed JSON and name its command. Tables without a marker are reported, not
-failed, until the final docs pass switches the check to ``--strict``.
+Every results table in README.md and docs/*.md must carry a source marker (``--strict``),
+agree with its committed JSON and name its command.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ def _checker():  # type: ignore[no-untyped-def]
     return sys.modules["check_docs"]
 
 
-def test_marked_results_tables_agree_with_their_json(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = _checker().main([])
+def test_every_results_table_is_marked_and_agrees_with_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _checker().main(["--strict"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
 
