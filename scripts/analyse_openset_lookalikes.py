@@ -45,10 +45,20 @@ LOOKALIKES = (("subject04", "subject14"), ("subject06", "subject14"), ("subject0
 RATES = (1e-2, 1e-3, 1e-4)
 
 
+def _genuine_scores(v: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cosine similarities of every pair of photos of the same person."""
+    out = []
+    for p in np.unique(labels):
+        x = v[labels == p]
+        out.append((x @ x.T)[np.triu_indices(len(x), 1)])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def measure(name: str, crops: np.ndarray, labels: np.ndarray, yale: list[Path]) -> dict[str, Any]:
     """One embedder's LFW impostor thresholds and what they let through on Yale."""
     from facepipe.builders import build_pipeline
     from facepipe.embed import load_embedder
+    from facepipe.gallery.openset import impostor_scores
     from facepipe.io import load_image
 
     t0 = time.time()
@@ -62,15 +72,9 @@ def measure(name: str, crops: np.ndarray, labels: np.ndarray, yale: list[Path]) 
             yv.append(np.asarray(r.faces[0].embedding, np.float32))
             yl.append(f.parent.name)
     y, ylab = np.stack(yv), np.asarray(yl)
-    iu = np.triu_indices(len(v), 1)
-    s = (v @ v.T)[iu]
-    diff = (labels[:, None] != labels[None, :])[iu]
-    imp, gen = s[diff], s[~diff]
+    imp, gen = impostor_scores(v, labels), _genuine_scores(v, labels)
     thr = {r: float(np.quantile(imp, 1 - r)) for r in RATES}
-    yiu = np.triu_indices(len(y), 1)
-    ys = (y @ y.T)[yiu]
-    ydiff = (ylab[:, None] != ylab[None, :])[yiu]
-    yimp, ygen = ys[ydiff], ys[~ydiff]
+    yimp, ygen = impostor_scores(y, ylab), _genuine_scores(y, ylab)
     full = y @ y.T
     pairs = {}
     for a, b in LOOKALIKES:

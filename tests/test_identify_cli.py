@@ -73,15 +73,12 @@ def _one_line_error(r, needle: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> dict[str, Path]:
-    """The astronaut photo twice (different files) and a face-free image."""
-    d = tmp_path_factory.mktemp("photos")
-    p1, p2, blank = d / "eileen1.jpg", d / "eileen2.png", d / "blank.png"
-    Image.fromarray(astronaut).save(p1, quality=95)
-    Image.fromarray(astronaut[20:480, 10:500]).resize((400, 360)).save(p2)
+def photos(tmp_path_factory: pytest.TempPathFactory, astronaut_photos: dict[str, Path]) -> dict[str, Path]:
+    """The astronaut photo twice (conftest's first two files) and a face-free image."""
+    blank = tmp_path_factory.mktemp("blank") / "blank.png"
     grad = np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (150, 1, 3))
     Image.fromarray(grad).save(blank)
-    return {"p1": p1, "p2": p2, "blank": blank, "dir": d}
+    return {"p1": astronaut_photos["p1"], "p2": astronaut_photos["p2"], "blank": blank}
 
 
 @pytest.fixture(scope="module")

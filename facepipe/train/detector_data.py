@@ -218,21 +218,23 @@ def load_detector_sources(data: Path, teacher: TeacherLabels, max_per_person: in
         dropped += int(dup.sum())
         split.crops = arr[~dup]
     info["caltech_crops_dropped_as_eval_duplicates"] = dropped
-    sdir = data / "face_nonface" / "nonface_scenes" / "images"
-    scenes = sorted(f for f in sdir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if sdir.is_dir() else []
-    for f in scenes:  # the classifier's split: the same scenes stay held out
+    def add_scene(f: Path, name: str) -> None:
+        # split by file name, as the classifier's data: the same scenes stay held out
         split = val if (_stable_hash(f.name) % 1000) < 0.2 * 1000 else train
         split.scenes.append(load_image(f))
-        split.scene_names.append(f.name)
+        split.scene_names.append(name)
+
+    sdir = data / "face_nonface" / "nonface_scenes" / "images"
+    scenes = sorted(f for f in sdir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if sdir.is_dir() else []
+    for f in scenes:
+        add_scene(f, f.name)
     if not train.scenes or not val.scenes:
         raise InputError(sdir, "need face-free scenes for both splits")
     if packaged_scenes:
-        extra = packaged_scene_files()
-        for f in extra:
-            split = val if (_stable_hash(f.name) % 1000) < 0.2 * 1000 else train
-            split.scenes.append(load_image(f))
-            split.scene_names.append(f"{f.parent.name}/{f.name}")
-        info["packaged_scenes"] = [f"{f.parent.name}/{f.name}" for f in extra]
+        extra = [(f, f"{f.parent.name}/{f.name}") for f in packaged_scene_files()]
+        for f, name in extra:
+            add_scene(f, name)
+        info["packaged_scenes"] = [name for _, name in extra]
     info["train"], info["val"] = train.summary(), val.summary()
     return train, val, info
 
