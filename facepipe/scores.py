@@ -1,6 +1,8 @@
 """What users see of an identification: distance, tolerance, margin and the ambiguity rule.
 
-The gallery ranks enrolled people by cosine similarity ``s`` (higher = more alike). Users
+The gallery ranks enrolled people by cosine similarity ``s`` (higher = more alike), less
+the enrolled face's cohort penalty when the gallery has a cohort (a higher bar for faces
+in crowded parts of face space; :mod:`facepipe.gallery.cohort`). Users
 see the **distance** ``d = 1 − s`` (lower = more alike) and the **tolerance**
 ``1 − threshold``: a face is named when ``d <= tolerance`` (face_recognition's rule,
 on facepipe's scale; see :mod:`facepipe.defaults`).
@@ -70,21 +72,24 @@ class Verdict:
         return self.candidates[0].name if self.candidates else None
 
     def to_dict(self, top_k: int | None = None) -> dict[str, Any]:
-        """JSON fields: name, best, similarity, distance, threshold, tolerance, margin,
-        min_margin, ambiguous and the top-k candidates (each with similarity and distance)."""
+        """JSON fields: name, best, similarity, distance, penalty (the best person's cohort
+        penalty), threshold, tolerance, margin, min_margin, ambiguous and the top-k
+        candidates (each with similarity, distance and penalty)."""
         cands = self.candidates if top_k is None else self.candidates[:top_k]
         return {
             "name": self.name,
             "best": self.best,
             "similarity": _r(self.similarity),
             "distance": _r(self.distance),
+            "penalty": _r(self.candidates[0].penalty) if self.candidates else None,
             "threshold": _r(self.threshold),
             "tolerance": _r(self.tolerance),
             "margin": _r(self.margin),
             "min_margin": _r(self.min_margin),
             "ambiguous": self.ambiguous,
             "candidates": [{"name": m.name, "similarity": _r(m.score),
-                            "distance": _r(similarity_to_distance(m.score))} for m in cands],
+                            "distance": _r(similarity_to_distance(m.score)), "penalty": _r(m.penalty)}
+                           for m in cands],
         }
 
 

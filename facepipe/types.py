@@ -146,10 +146,13 @@ class Detection:
 
 @dataclass(frozen=True)
 class Match:
-    """A gallery identity proposed for a face, with its similarity score."""
+    """A gallery identity proposed for a face, with its score: the cosine similarity minus
+    the enrolled vector's cohort ``penalty`` (0 unless the gallery's impostor model has a
+    cohort; see :mod:`facepipe.gallery.cohort`)."""
 
     name: str
     score: float
+    penalty: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -112,21 +112,43 @@ def best_matches(g: Any, probes: np.ndarray) -> tuple[list[str], np.ndarray]:
     return [r[0].name for r in ranked], np.asarray([r[0].score for r in ranked])
 
 
-SETTINGS = ("fixed 0.5", "default", "calibrated")
+SETTINGS = ("fixed 0.5", "default", "default without cohort", "calibrated")
+
+
+def dir_at_fpir(stranger_scores: np.ndarray, mated_scores: np.ndarray, mated_right: np.ndarray,
+                n_mated: int, fpir: float) -> dict[str, float]:
+    """DIR at the one threshold (shared by every split) where the pooled strangers' FPIR is
+    ``fpir``: compares decision rules at an equal false-identification rate."""
+    s = np.sort(np.asarray(stranger_scores))[::-1]
+    k = int(np.floor(fpir * s.size))
+    t = float(np.nextafter(np.float32(s[k]), np.float32(np.inf))) if k < s.size else -np.inf
+    return {"threshold": t, "fpir": float((s >= t).mean()),
+            "dir": float(((mated_scores >= t) & mated_right).sum() / max(n_mated, 1))}
 
 
 def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]], strangers: dict[str, np.ndarray],
                splits: int, enrol_max: int) -> dict[str, Any]:
     """Per identity set: FPIR and DIR with the fresh gallery's automatic threshold ("default"),
     after ``gallery calibrate`` from the enrolled photos alone ("calibrated"), and with the
-    constant 0.5 every gallery had before impostor models ("fixed 0.5")."""
+    constant 0.5 every gallery had before impostor models ("fixed 0.5"). With a cohort in
+    the model, "default without cohort" is the same gallery ranked and decided by plain
+    cosine similarity (the rule before cohort penalties), and ``dir_at_fpir_1pct`` compares
+    both rules at one shared threshold giving an observed FPIR of 1 %."""
+    from dataclasses import replace
+
     from facepipe.gallery import DEFAULT_TARGET_FPIR, Gallery
     from facepipe.gallery.evidence import calibrate_gallery
+
+    plain_model = replace(model, cohort=None)
 
     out: dict[str, Any] = {}
     for name, s in sets.items():
         people = s["people"]
-        acc = {k: {"mated": 0, "right": 0, "wrong": 0, "thresholds": [], "strangers": {}} for k in SETTINGS}
+        settings = SETTINGS if model.cohort is not None else tuple(x for x in SETTINGS if "cohort" not in x)
+        acc = {k: {"mated": 0, "right": 0, "wrong": 0, "thresholds": [], "strangers": {}} for k in settings}
+        pooled: dict[str, dict[str, list[Any]]] = {r: {"strangers": [], "mated": [], "right": []}
+                                                   for r in ("cohort", "plain")}
+        n_mated_total = 0
         sizes = []
         for seed in range(splits):
             rng = np.random.default_rng(seed)
@@ -144,31 +166,42 @@ def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]
                 for i in pick[k:]:
                     mated.append(rows[i])
                     mated_names.append(p)
-            with tempfile.TemporaryDirectory(prefix="facepipe-bench-") as tmp:
-                # exactly what `facepipe enroll` does for a new gallery
-                with Gallery.edit(tmp, embedder_id=emb_id, dim=dim, impostor_model=model,
-                                  target_fpir=DEFAULT_TARGET_FPIR) as g:
-                    g.add(np.stack(ev), en)
-                g = Gallery.open(tmp)
+            galleries = {}
+            for rule, m in (("cohort", model), ("plain", plain_model)):
+                with tempfile.TemporaryDirectory(prefix="facepipe-bench-") as tmp:
+                    # exactly what `facepipe enroll` does
+                    with Gallery.edit(tmp, embedder_id=emb_id, dim=dim, impostor_model=m,
+                                      target_fpir=DEFAULT_TARGET_FPIR) as g:
+                        g.add(np.stack(ev), en)
+                    galleries[rule] = Gallery.open(tmp)
+            g = galleries["cohort"]
             sizes.append((len(enrolled), len(g)))
-            thr = {"fixed 0.5": 0.5, "default": g.threshold,
-                   "calibrated": calibrate_gallery(g, DEFAULT_TARGET_FPIR, model).threshold}
+            thr = {"fixed 0.5": ("plain", 0.5), "default": ("cohort", g.threshold),
+                   "default without cohort": ("plain", galleries["plain"].threshold),
+                   "calibrated": ("cohort", calibrate_gallery(g, DEFAULT_TARGET_FPIR, model).threshold)}
             have = [i for i, r in enumerate(mated) if r >= 0]
-            m_names, m_scores = best_matches(g, s["vectors"][[mated[i] for i in have]])
-            got = {i: (n, sc) for i, n, sc in zip(have, m_names, m_scores)}
             same_set = [s["vectors"][r] for p in others for r in s["photo_rows"][p] if r >= 0]
             pools = {"same set, other half": np.asarray(same_set).reshape(-1, dim),
                      **{k: v for k, v in strangers.items() if k != name}}
-            pool_scores = {src: best_matches(g, v)[1] for src, v in pools.items()}
-            for setting, t in thr.items():
+            got, pool_scores = {}, {}
+            for rule, gr in galleries.items():
+                m_names, m_scores = best_matches(gr, s["vectors"][[mated[i] for i in have]])
+                got[rule] = {i: (n, sc) for i, n, sc in zip(have, m_names, m_scores)}
+                pool_scores[rule] = {src: best_matches(gr, v)[1] for src, v in pools.items()}
+                pooled[rule]["strangers"] += list(pool_scores[rule].values())
+                pooled[rule]["mated"].append(np.asarray(m_scores, dtype=np.float64))
+                pooled[rule]["right"].append(np.asarray([n == mated_names[i] for i, n in zip(have, m_names)], bool))
+            n_mated_total += len(mated)
+            for setting in settings:
+                rule, t = thr[setting]
                 a = acc[setting]
                 a["thresholds"].append(t)
                 for i, truth in enumerate(mated_names):
-                    n, sc = got.get(i, ("unknown", -np.inf))
+                    n, sc = got[rule].get(i, ("unknown", -np.inf))
                     a["mated"] += 1
                     a["right"] += bool(sc >= t and n == truth)
                     a["wrong"] += bool(sc >= t and n != truth)
-                for src, sc in pool_scores.items():
+                for src, sc in pool_scores[rule].items():
                     b = a["strangers"].setdefault(src, {"probes": 0, "named": 0})
                     b["probes"] += int(sc.size)
                     b["named"] += int((sc >= t).sum())
@@ -190,6 +223,12 @@ def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]
             log.info("%s %s %s: threshold %.3f over %.1f vectors, FPIR %.4f (same set %.4f; target %.2f), DIR %.3f",
                      emb_id, name, setting, r["threshold_mean"], res["enrolled_vectors_per_split"], r["fpir"],
                      a["strangers"]["same set, other half"]["fpir"], DEFAULT_TARGET_FPIR, r["dir"])
+        if model.cohort is not None:
+            res["dir_at_fpir_1pct"] = {
+                rule: dir_at_fpir(np.concatenate(p["strangers"]), np.concatenate(p["mated"]),
+                                  np.concatenate(p["right"]), n_mated_total, 0.01) for rule, p in pooled.items()}
+            log.info("%s %s DIR at observed FPIR 1%%: %.3f with cohort, %.3f without", emb_id, name,
+                     res["dir_at_fpir_1pct"]["cohort"]["dir"], res["dir_at_fpir_1pct"]["plain"]["dir"])
         out[name] = res
     return out
 
@@ -249,8 +288,12 @@ def calibration_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, reps
     (1 or 3 photos each, people with at least one more photo) built from half B through
     ``Gallery.edit`` and calibrated with ``calibrate_gallery`` (no extra photos); strangers:
     half B's other people; mated probes: the enrolled people's other photos. FPIR and DIR
-    with the automatic threshold and after calibration."""
+    with the automatic threshold and after calibration, scored through the gallery as
+    ``identify`` scores (with the model's cohort penalties); ``dir_at_fpir_1pct`` compares
+    DIR with and without the cohort at one threshold giving an observed FPIR of 1 %."""
     import hashlib
+
+    from dataclasses import replace
 
     from facepipe.gallery import Gallery
     from facepipe.gallery.evidence import calibrate_gallery
@@ -269,6 +312,8 @@ def calibration_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, reps
                 continue
             acc = {k: {"named": 0, "right": 0} for k in ("auto", "calibrated")}
             probes = mated = raised = 0
+            pooled: dict[str, dict[str, list[Any]]] = {r: {"strangers": [], "mated": [], "right": []}
+                                                       for r in ("cohort", "plain")}
             for rep in range(reps):
                 rng = np.random.default_rng(rep)
                 enrolled = sorted(rng.choice(eligible, n_people, replace=False).tolist())
@@ -281,20 +326,34 @@ def calibration_check(vectors: np.ndarray, labels: np.ndarray, emb_id: str, reps
                     g = Gallery.open(tmp)
                     cal = calibrate_gallery(g, 0.01, model)
                     thr = {"auto": g.threshold, "calibrated": cal.threshold}
+                    # scores as identify sees them (similarity less cohort penalty)
+                    best = best_matches(g, vb[~np.isin(lb, enrolled)])[1]
+                    m_rows = np.setdiff1d(np.flatnonzero(np.isin(lb, enrolled)), rows_g)
+                    m_names, m_best = best_matches(g, vb[m_rows])
+                    if model.cohort is not None:  # the same gallery decided by plain cosine, for DIR at equal FPIR
+                        with Gallery.edit(tmp) as ge:
+                            ge.use_impostor_model(replace(model, cohort=None))
+                        gp = Gallery.open(tmp)
+                        for rule, gr in (("cohort", g), ("plain", gp)):
+                            pn, ps = best_matches(gr, vb[m_rows])
+                            pooled[rule]["strangers"].append(best_matches(gr, vb[~np.isin(lb, enrolled)])[1])
+                            pooled[rule]["mated"].append(ps)
+                            pooled[rule]["right"].append(np.asarray(pn) == lb[m_rows])
                 raised += cal.record["domain_shift"] is not None
-                best = (vb[~np.isin(lb, enrolled)] @ gal.T).max(axis=1)
-                m_rows = np.setdiff1d(np.flatnonzero(np.isin(lb, enrolled)), rows_g)
-                sims = vb[m_rows] @ gal.T
-                right_name = names[sims.argmax(axis=1)] == lb[m_rows]
+                right_name = np.asarray(m_names) == lb[m_rows]
                 probes += best.size
                 mated += m_rows.size
                 for k, t in thr.items():
                     acc[k]["named"] += int((best >= t).sum())
-                    acc[k]["right"] += int(((sims.max(axis=1) >= t) & right_name).sum())
+                    acc[k]["right"] += int(((m_best >= t) & right_name).sum())
             rows.append({"photos_per_person": per, "people": n_people, "target_fpir": 0.01,
                          "stranger_probes": probes, "mated_probes": mated, "galleries_shifted_up": raised,
                          **{f"fpir_{k}": v["named"] / probes for k, v in acc.items()},
                          **{f"dir_{k}": v["right"] / max(mated, 1) for k, v in acc.items()}})
+            if model.cohort is not None:
+                rows[-1]["dir_at_fpir_1pct"] = {
+                    rule: dir_at_fpir(np.concatenate(p["strangers"]), np.concatenate(p["mated"]),
+                                      np.concatenate(p["right"]), mated, 0.01) for rule, p in pooled.items()}
             r = rows[-1]
             log.info("calibration %d x %d: FPIR %.4f auto, %.4f calibrated; DIR %.3f -> %.3f; shifted up in %d/%d",
                      n_people, per, r["fpir_auto"], r["fpir_calibrated"], r["dir_auto"], r["dir_calibrated"],

@@ -7,6 +7,8 @@ people, with a generalised Pareto fit of the upper tail for rates the data canno
 resolve, and says which people, photos and pairs it came from. A new gallery derives
 its threshold from it (``facepipe enroll``), so ``enroll`` + ``identify`` keep the
 false-positive identification rate near its target without any calibration data.
+The record also holds those people's embeddings (float16) as the **cohort** of
+:mod:`facepipe.gallery.cohort`: enrolled faces close to many of them get a penalty.
 
 Development people: the LFW DevTrain people held out of embedder training
 (:func:`facepipe.train.embedder_data.people_split`, validation fraction 0.2, seed 0 —

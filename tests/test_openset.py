@@ -185,7 +185,9 @@ def test_impostor_model_read_from_a_checkpoint(tmp_path: Path, gaussian_model: I
     assert impostor_model_for(Emb(str(p))) is None
 
 
-def _brute_loo(v: np.ndarray, person: np.ndarray, method: str, n: int) -> tuple[list, list, list]:
+def _brute_loo(v: np.ndarray, person: np.ndarray, method: str, n: int,
+               pen: np.ndarray | None = None) -> tuple[list, list, list]:
+    pen = np.zeros(len(v)) if pen is None else pen
     gen, ok, imp = [], [], []
     for i in range(len(v)):
         scores = {}
@@ -193,7 +195,7 @@ def _brute_loo(v: np.ndarray, person: np.ndarray, method: str, n: int) -> tuple[
             idx = [j for j in np.flatnonzero(person == p) if j != i]
             if not idx:
                 continue
-            s = np.sort(v[idx] @ v[i])[::-1]
+            s = np.sort(v[idx] @ v[i] - pen[idx])[::-1]
             scores[p] = s[0] if method == "max" else s[:n].mean()
         others = [s for p, s in scores.items() if p != person[i]]
         imp.append(max(others))
@@ -215,6 +217,12 @@ def test_leave_one_out_matches_brute_force(method: str) -> None:
     assert list(loo.genuine_correct) == ok
     assert np.allclose(loo.impostor_scores, imp, atol=1e-5)
     assert loo.n_people_with_two == 5
+    # with cohort penalties, scored as Gallery.rank scores
+    pen = np.where(rng.random(len(v)) < 0.5, 0.0, rng.uniform(0, 0.3, len(v))).astype(np.float32)
+    loo = leave_one_out(v, person, method, 3, chunk=6, penalties=pen)
+    gen, ok, imp = _brute_loo(v, person, method, 3, pen)
+    assert np.allclose(loo.genuine_scores, gen, atol=1e-5) and list(loo.genuine_correct) == ok
+    assert np.allclose(loo.impostor_scores, imp, atol=1e-5)
 
 
 def test_fmr_at_many_matches_fmr_at(gaussian_model: ImpostorModel) -> None:

@@ -158,14 +158,16 @@ def test_schemas_reject_wrong_output() -> None:
     or a missing tolerance are refused."""
     v = _validator("identify")
     face = {"x": 1, "y": 2, "w": 3, "h": 4, "det_score": 0.9, "detector": "mtcnn", "name": "a", "best": "a",
-            "similarity": 0.8, "distance": 0.2, "threshold": 0.5, "tolerance": 0.5, "margin": None,
-            "min_margin": 0.0, "ambiguous": False, "candidates": [{"name": "a", "similarity": 0.8, "distance": 0.2}]}
+            "similarity": 0.8, "distance": 0.2, "penalty": 0.0, "threshold": 0.5, "tolerance": 0.5, "margin": None,
+            "min_margin": 0.0, "ambiguous": False,
+            "candidates": [{"name": "a", "similarity": 0.8, "distance": 0.2, "penalty": 0.0}]}
     good = {"path": "x.jpg", "width": 10, "height": 10, "faces": [face], "skipped": []}
     assert v.is_valid(good)
     bad_score = {**good, "faces": [{**{k: x for k, x in face.items() if k != "det_score"}, "score": 0.9}]}
     assert not v.is_valid(bad_score)
     assert not v.is_valid({**good, "faces": [{**face, "distance": 2.5}]})
     assert not v.is_valid({**good, "faces": [{k: x for k, x in face.items() if k != "tolerance"}]})
+    assert not v.is_valid({**good, "faces": [{**face, "penalty": -0.1}]})
 
 
 def test_video_outputs(files: dict[str, Path], tmp_path: Path, astronaut: np.ndarray) -> None:

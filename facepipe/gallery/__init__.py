@@ -10,6 +10,8 @@ One module per concern:
 - :mod:`facepipe.gallery.decision`: the open-set decision and threshold calibration;
 - :mod:`facepipe.gallery.openset`: impostor models shipped with embedders, thresholds
   for a target FPIR that account for the gallery's size;
+- :mod:`facepipe.gallery.cohort`: cohort penalties, a higher bar for enrolled faces in
+  crowded parts of face space (the impostor model's development people as the cohort);
 - :mod:`facepipe.gallery.evidence`: leave-one-out evidence from the enrolled vectors;
 - :mod:`facepipe.gallery.names`: the person-name rule;
 - :mod:`facepipe.gallery.core`: :class:`Gallery`, which ties them together.

@@ -20,6 +20,7 @@ from facepipe.errors import GalleryError, ShapeError
 from facepipe.gallery.decision import AGGREGATIONS, DEFAULT_TARGET_FPIR, DEFAULT_THRESHOLD, MODES, Decision
 from facepipe.gallery.index import DEFAULT_PARAMS, INDEX_TYPES, build_index, check_vectors, resolve_kind
 from facepipe.gallery.names import UNKNOWN, check_name
+from facepipe.gallery.cohort import Cohort
 from facepipe.gallery.openset import ImpostorModel, comparisons
 from facepipe.gallery.search import Searcher, SearchPlan, build_searcher, plan_search
 from facepipe.gallery.storage import (
@@ -58,6 +59,7 @@ class Gallery:
         self._dirty = False
         self._rebuild_needed = False
         self._impostor_model: ImpostorModel | None = None
+        self._penalty: np.ndarray | None = None  # cohort penalty per id (self._ids order), lazily
         self._search_request = ("cpu", "auto", "fp32")  # (device, engine, precision) of to_device
         self._search_plan: SearchPlan | None = None
         self._searcher: Searcher | None = None          # built on first search, dropped on changes
@@ -113,6 +115,23 @@ class Gallery:
             except ValueError as exc:
                 raise GalleryError(self.directory / MANIFEST, f"bad impostor model in the manifest ({exc})") from exc
         return self._impostor_model
+
+    @property
+    def cohort(self) -> Cohort | None:
+        """The cohort of the gallery's impostor model (``None`` without one): enrolled vectors
+        in crowded parts of face space get a penalty (:mod:`facepipe.gallery.cohort`)."""
+        model = self.impostor_model
+        return None if model is None else model.cohort
+
+    def penalties(self) -> np.ndarray:
+        """The cohort penalty of every enrolled vector, in :meth:`vectors` (id) order; zeros
+        without a cohort. Computed once per snapshot (new vectors as they are added)."""
+        cohort = self.cohort
+        if cohort is None:
+            return np.zeros(len(self), np.float32)
+        if self._penalty is None or self._penalty.size != len(self):
+            self._penalty = cohort.penalties(self.vectors(self._ids))
+        return self._penalty
 
     @property
     def n_comparisons(self) -> int:
@@ -381,6 +400,8 @@ class Gallery:
             self.index.add_with_ids(x, new_ids)
         self._next_id += n
         self._ids = np.concatenate([self._ids, new_ids])
+        if self._penalty is not None and self.cohort is not None:
+            self._penalty = np.concatenate([self._penalty, self.cohort.penalties(x)])
         self._person = np.concatenate([self._person, pidx])
         self._sources.extend(None if s is None else str(s) for s in sources)
         self._hashes.extend(hashes)
@@ -415,6 +436,8 @@ class Gallery:
                     raise GalleryError(self.directory, f"FAISS removed {removed} of {drop_ids.size} vectors")
         keep = ~drop
         self._ids = self._ids[keep]
+        if self._penalty is not None:
+            self._penalty = self._penalty[keep]
         self._person = self._person[keep]
         self._sources = [s for s, k in zip(self._sources, keep) if k]
         self._hashes = [h for h, k in zip(self._hashes, keep) if k]
@@ -480,6 +503,7 @@ class Gallery:
         d["target_fpir"] = float(target)
         d["impostor_model"] = model.to_dict()
         self._impostor_model = model
+        self._penalty = None
         self._rederive()
         self._dirty = True
 
@@ -627,7 +651,13 @@ class Gallery:
         return self._members[p]
 
     def rank(self, queries: np.ndarray, top_k: int = 1) -> list[list[Match]]:
-        """The ``top_k`` people per query, best first, by the gallery's aggregation."""
+        """The ``top_k`` people per query, best first, by the gallery's aggregation.
+
+        A match's ``score`` is the cosine similarity minus the enrolled vector's cohort
+        penalty (:meth:`penalties`; the ``penalty`` of the match), so people are ranked
+        and decided by it. Penalties only lower scores, so candidates come from the raw
+        nearest neighbours, fetched deeper until no unfetched vector could rank higher.
+        """
         q = check_vectors(queries, self.dim, "queries")
         method, agg_n = self.aggregation
         n_people = len(self.people())
@@ -635,6 +665,7 @@ class Gallery:
         out: list[list[Match]] = [[] for _ in range(q.shape[0])]
         if len(self) == 0 or q.shape[0] == 0:
             return out
+        pen = self.penalties() if self.cohort is not None else None
         depth = min(len(self), max(4 * top_k, 16 if method == "max" else 4 * top_k * agg_n))
         todo = np.arange(q.shape[0])
         while todo.size:
@@ -644,26 +675,41 @@ class Gallery:
                 ids = I[row]
                 valid = ids >= 0
                 ids, sc = ids[valid], D[row][valid]
-                persons = self._person[np.searchsorted(self._ids, ids)]
-                _, first = np.unique(persons, return_index=True)
-                order = np.sort(first)
+                pos = np.searchsorted(self._ids, ids)
+                persons = self._person[pos]
+                p_hit = np.zeros(sc.size, np.float32) if pen is None else pen[pos]
+                adj = sc - p_hit
+                by_adj = np.argsort(-adj, kind="stable")  # raw order when there are no penalties
+                _, first = np.unique(persons[by_adj], return_index=True)
+                order = by_adj[np.sort(first)]
                 distinct = persons[order]
                 if distinct.size < top_k and depth < len(self):
                     retry.append(qi)
                     continue
                 if method == "max":
-                    # neighbours come best first: a person's first hit is their maximum
-                    out[qi] = [Match(self._names[p], float(sc[j])) for p, j in
+                    # a person's best (penalised) hit among the fetched is their maximum, and
+                    # exact once the k-th person beats every unfetched vector's raw score
+                    if pen is not None and depth < len(self) and adj[order[top_k - 1]] < sc[-1]:
+                        retry.append(qi)
+                        continue
+                    out[qi] = [Match(self._names[p], float(adj[j]), float(p_hit[j])) for p, j in
                                zip(distinct[:top_k].tolist(), order[:top_k].tolist())]
                 else:
                     # re-score every retrieved candidate exactly over all their vectors
                     scored = []
                     for p in distinct.tolist():
-                        v = self.vectors(self._member_ids(p))
-                        s = np.sort(v @ q[qi])[::-1][:agg_n]
-                        scored.append((float(s.mean()), p))
+                        mids = self._member_ids(p)
+                        s_all = self.vectors(mids) @ q[qi]
+                        pm = np.zeros(s_all.size, np.float32) if pen is None else \
+                            pen[np.searchsorted(self._ids, mids)]
+                        top = np.argsort(-(s_all - pm), kind="stable")[:agg_n]
+                        scored.append((float((s_all[top] - pm[top]).mean()), float(pm[top].mean()), p))
                     scored.sort(key=lambda t: -t[0])
-                    out[qi] = [Match(self._names[p], s) for s, p in scored[:top_k]]
+                    if pen is not None and depth < len(self) and len(scored) >= top_k and \
+                            scored[top_k - 1][0] < sc[-1]:
+                        retry.append(qi)
+                        continue
+                    out[qi] = [Match(self._names[p], s, pp) for s, pp, p in scored[:top_k]]
             todo = np.asarray(retry, dtype=np.int64)
             depth = min(len(self), depth * 4)
         return out
@@ -733,4 +779,10 @@ class Gallery:
             d["impostor_model"] = {"embedder_id": model.embedder_id, "people": model.n_people,
                                    "photos": model.n_images, "pairs": model.n_pairs,
                                    "data": model.data.get("set"), "created_at": model.created_at}
+        cohort = self.cohort
+        pen = self.penalties() if cohort is not None else None
+        d["cohort_penalties"] = None if cohort is None else {
+            "people": cohort.n_people, "photos": int(len(cohort.vectors)), "k": cohort.k, "skip": cohort.skip,
+            "reference": round(cohort.reference, 6),
+            "penalised_vectors": int((pen > 0).sum()), "max_penalty": round(float(pen.max()), 6) if pen.size else 0.0}
         return d

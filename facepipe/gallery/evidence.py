@@ -57,11 +57,14 @@ def _person_scores(row: np.ndarray, order: np.ndarray, starts: np.ndarray, count
 
 
 def leave_one_out(vectors: np.ndarray, person: np.ndarray, method: str = "max", agg_n: int = 3,
-                  max_probes: int = 2000, seed: int = 0, chunk: int = 64) -> LeaveOneOut:
+                  max_probes: int = 2000, seed: int = 0, chunk: int = 64,
+                  penalties: np.ndarray | None = None) -> LeaveOneOut:
     """Leave-one-out genuine and leave-one-person-out impostor scores of enrolled vectors.
 
     ``vectors`` are unit rows, ``person`` their person index (0..P-1). Needs at least two
     people for impostor scores; genuine scores need people with two or more vectors.
+    ``penalties`` (per vector, the gallery's cohort penalties) are subtracted from the
+    similarity to each vector, as :meth:`Gallery.rank` scores.
     """
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     person = np.asarray(person, dtype=np.int64)
@@ -79,6 +82,8 @@ def leave_one_out(vectors: np.ndarray, person: np.ndarray, method: str = "max", 
     for a in range(0, len(probes), chunk):
         idx = probes[a:a + chunk]
         sims = v[idx] @ v.T
+        if penalties is not None:
+            sims -= np.asarray(penalties, dtype=np.float32)[None, :]
         sims[np.arange(len(idx)), idx] = -np.inf  # leave the probe itself out
         for r, i in enumerate(idx):
             per = _person_scores(sims[r], order, starts, counts, method, agg_n)
@@ -195,7 +200,8 @@ def calibrate_gallery(gallery: "Gallery", target_fpir: float, model: "ImpostorMo
     (strangers' best scores against the whole gallery) and genuine scores (with whether
     the right person ranked first). Warns when the evidence is too thin to trust."""
     method, agg_n = gallery.aggregation
-    loo = leave_one_out(gallery.vectors(), gallery.person_index(), method, agg_n, max_probes)
+    loo = leave_one_out(gallery.vectors(), gallery.person_index(), method, agg_n, max_probes,
+                        penalties=gallery.penalties() if gallery.cohort is not None else None)
     n_all = gallery.n_comparisons
     extra_imp = np.zeros(0) if impostor is None else np.asarray(impostor, dtype=np.float64)
     if method == "max":

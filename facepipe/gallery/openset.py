@@ -29,7 +29,10 @@ The impostor model stores empirical thresholds at a grid of FMRs from 0.5 down t
 1e-6 where the development pairs resolve them (at least :data:`MIN_TAIL_PAIRS`
 impostor pairs above the threshold) and a generalised Pareto fit to the upper tail
 for smaller rates (extrapolation), together with the people, photos and pairs it
-came from and the id of the embedder whose embeddings it describes.
+came from and the id of the embedder whose embeddings it describes; and, since 2026-11-30,
+those development people as the **cohort** of :mod:`facepipe.gallery.cohort` (a higher
+bar for enrolled faces in crowded parts of face space; the model's FPIR is then an upper
+bound).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+
+from facepipe.gallery.cohort import Cohort, build_cohort
 
 #: Format tag of the impostor model record stored in checkpoints and manifests.
 RECORD_FORMAT = "facepipe-impostor-model/1"
@@ -88,6 +93,7 @@ class ImpostorModel:
     created_at: str = ""
     exponents: tuple[tuple[float, float], ...] = ((0.1, 1.0), (0.01, 1.0))
     exponent_fit: dict[str, Any] = field(default_factory=dict)
+    cohort: Cohort | None = field(default=None, compare=False, repr=False)
 
     # -------------------------------------------------------------- record (checkpoint / manifest)
 
@@ -104,6 +110,7 @@ class ImpostorModel:
             "comparisons_exponent": {f"{f:g}": float(a) for f, a in self.exponents},
             "exponent_fit": dict(self.exponent_fit),
             "data": dict(self.data), "created_at": self.created_at,
+            **({} if self.cohort is None else {"cohort": self.cohort.to_dict()}),
         }
 
     @classmethod
@@ -122,7 +129,8 @@ class ImpostorModel:
                         str(rec.get("created_at", "")),
                         tuple(sorted(((float(f), float(a)) for f, a in
                                       rec.get("comparisons_exponent", {"0.1": 1.0}).items()), reverse=True)),
-                        dict(rec.get("exponent_fit", {})))
+                        dict(rec.get("exponent_fit", {})),
+                        None if rec.get("cohort") is None else Cohort.from_dict(rec["cohort"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"impostor model record is missing or has a bad field ({exc})") from exc
         if not (len(fmr) == len(thr) == len(emp)) or len(fmr) < 2:
@@ -399,17 +407,19 @@ def fit_comparisons_exponent(model: ImpostorModel, vectors: np.ndarray, labels: 
 
 
 def compute_impostor_model(vectors: np.ndarray, labels: Sequence[str], embedder_id: str,
-                           data: dict[str, Any] | None = None) -> ImpostorModel:
+                           data: dict[str, Any] | None = None, cohort: bool = True) -> ImpostorModel:
     """The impostor model of an embedder from unit embeddings of labelled development
-    people it was not trained on: every pair of photos of two different people, and the
-    comparisons exponent fitted on simulated galleries of those people."""
+    people it was not trained on: every pair of photos of two different people, the
+    comparisons exponent fitted on simulated galleries of those people and, with
+    ``cohort``, those people as the cohort of :mod:`facepipe.gallery.cohort`."""
     from dataclasses import replace
 
     lab = np.asarray(labels)
     scores = impostor_scores(vectors, lab)
     model = fit_impostor_model(scores, embedder_id, len(np.unique(lab)), len(lab), data)
     exponents, fit = fit_comparisons_exponent(model, vectors, lab)
-    return replace(model, exponents=exponents, exponent_fit=fit)
+    return replace(model, exponents=exponents, exponent_fit=fit,
+                   cohort=build_cohort(vectors, lab) if cohort else None)
 
 
 # ------------------------------------------------------------------ finding an embedder's model

@@ -1,0 +1,192 @@
+"""Cohort penalties: crowding against brute force, the record, and a gallery that ranks and
+decides by similarity minus penalty exactly as a brute-force search would."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facepipe.gallery import Gallery
+from facepipe.gallery.cohort import Cohort, build_cohort
+from facepipe.gallery.openset import ImpostorModel, fit_impostor_model
+
+EMB = "synthetic@0000"
+DIM = 32
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def crowded_people(rng: np.random.Generator, n_people: int, photos: tuple[int, int] = (1, 4),
+                   prefix: str = "c") -> tuple[np.ndarray, np.ndarray]:
+    """Half the people cluster around a few shared directions (crowded), half are isolated."""
+    centres = unit(rng.normal(size=(4, DIM)))
+    vecs, labels = [], []
+    for i in range(n_people):
+        if i % 2 == 0:
+            base = centres[i % 4] + 0.35 * rng.normal(size=DIM) / np.sqrt(DIM) * 4
+        else:
+            base = rng.normal(size=DIM)
+        base = unit(base[None])[0]
+        n = int(rng.integers(photos[0], photos[1] + 1))
+        vecs.append(unit(base + 0.25 * rng.normal(size=(n, DIM)) / np.sqrt(DIM) * 4))
+        labels += [f"{prefix}{i}"] * n
+    return np.concatenate(vecs), np.asarray(labels)
+
+
+def brute_crowding(cohort: Cohort, v: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    ends = np.append(cohort.starts[1:], len(cohort.vectors))
+    out = []
+    for i, x in enumerate(v.astype(np.float64)):
+        per = [max(float(x @ cohort.vectors[a].astype(np.float64)) for a in range(s, e))
+               for p, (s, e) in enumerate(zip(cohort.starts, ends)) if own is None or p != own[i]]
+        per.sort(reverse=True)
+        out.append(np.mean(per[cohort.skip:cohort.skip + cohort.k]))
+    return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Cohort:
+    vecs, labels = crowded_people(np.random.default_rng(0), 60)
+    return build_cohort(vecs, labels, k=5, skip=1)
+
+
+@pytest.fixture(scope="module")
+def model(cohort: Cohort) -> ImpostorModel:
+    scores = np.random.default_rng(1).normal(0.0, 0.18, 200_000)
+    return replace(fit_impostor_model(scores, EMB, 1000, 3000), cohort=cohort)
+
+
+def test_crowding_and_reference_match_brute_force(cohort: Cohort) -> None:
+    rng = np.random.default_rng(2)
+    q = unit(rng.normal(size=(25, DIM)))
+    assert cohort.crowding(q) == pytest.approx(brute_crowding(cohort, q), abs=1e-5)
+    # the reference is the median crowding of the cohort's own photos, each without its person
+    own = np.repeat(np.arange(cohort.n_people), np.diff(np.append(cohort.starts, len(cohort.vectors))))
+    ref = np.median(brute_crowding(cohort, cohort.vectors, own))
+    assert cohort.reference == pytest.approx(ref, abs=1e-5)
+    pen = cohort.penalties(q)
+    assert pen == pytest.approx(np.maximum(brute_crowding(cohort, q) - ref, 0), abs=1e-5)
+    assert (pen >= 0).all() and cohort.penalties(q[:0]).shape == (0,)
+    # crowded photos (near the shared directions) are penalised far more often than isolated ones
+    own_pen = np.maximum(brute_crowding(cohort, cohort.vectors, own) - ref, 0)
+    people = np.unique(crowded_people(np.random.default_rng(0), 60)[1])  # the fixture's, in cohort order
+    crowded = np.asarray([int(people[p][1:]) % 2 == 0 for p in own])
+    assert (own_pen[crowded] > 0).mean() > 2 * (own_pen[~crowded] > 0).mean(), ((own_pen[crowded] > 0).mean(), (own_pen[~crowded] > 0).mean())
+
+
+def test_record_round_trip_and_validation(cohort: Cohort, model: ImpostorModel) -> None:
+    rec = json.loads(json.dumps(cohort.to_dict()))
+    again = Cohort.from_dict(rec)
+    np.testing.assert_array_equal(again.vectors, cohort.vectors)
+    np.testing.assert_array_equal(again.starts, cohort.starts)
+    assert (again.k, again.skip) == (5, 1) and again.reference == pytest.approx(cohort.reference, abs=1e-6)
+    m2 = ImpostorModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert m2.cohort is not None and m2.cohort.n_people == 60
+    assert ImpostorModel.from_dict({k: v for k, v in model.to_dict().items() if k != "cohort"}).cohort is None
+    for bad in ({**rec, "format": "x"}, {**rec, "photos": rec["photos"] + 1}, {**rec, "k": 60},
+                {**rec, "vectors_f16": "not base64!"}, {k: v for k, v in rec.items() if k != "sizes_u16"}):
+        with pytest.raises(ValueError):
+            Cohort.from_dict(bad)
+    with pytest.raises(ValueError, match="impostor model record"):
+        ImpostorModel.from_dict({**model.to_dict(), "cohort": {**rec, "people": 3}})
+    with pytest.raises(ValueError, match="too few"):
+        build_cohort(cohort.vectors[:5], ["a", "b", "c", "d", "e"], k=5, skip=1)
+
+
+def brute_rank(vecs: np.ndarray, names: np.ndarray, pen: np.ndarray, q: np.ndarray, k: int,
+               method: str, agg_n: int) -> list[list[tuple[str, float]]]:
+    out = []
+    for x in q:
+        adj = vecs @ x - pen
+        scored = []
+        for p in np.unique(names):
+            a = np.sort(adj[names == p])[::-1]
+            scored.append((p, float(a[0] if method == "max" else a[:agg_n].mean())))
+        scored.sort(key=lambda t: -t[1])
+        out.append(scored[:k])
+    return out
+
+
+@pytest.mark.parametrize("method", ["max", "mean"])
+def test_rank_by_similarity_minus_penalty_matches_brute_force(tmp_path: Path, cohort: Cohort,
+                                                              model: ImpostorModel, method: str) -> None:
+    rng = np.random.default_rng(3)
+    vecs, names = crowded_people(rng, 80, (1, 3), prefix="e")
+    g_dir = tmp_path / "g"
+    Gallery.create(g_dir, DIM, EMB, impostor_model=model, aggregation=method, aggregation_n=2)
+    with Gallery.edit(g_dir) as g:
+        g.add(vecs[:100], names[:100])
+        assert g.penalties() == pytest.approx(cohort.penalties(vecs[:100]), abs=1e-6)
+        g.add(vecs[100:], names[100:])  # penalties of added vectors appended to the computed ones
+        assert g.penalties() == pytest.approx(cohort.penalties(vecs), abs=1e-6)
+    g = Gallery.open(g_dir)
+    pen = cohort.penalties(vecs)
+    assert g.penalties() == pytest.approx(pen, abs=1e-6) and (pen > 0).sum() > 10
+    # probes near enrolled faces, and random ones
+    q = unit(np.concatenate([vecs[rng.choice(len(vecs), 40)] + 0.1 * rng.normal(size=(40, DIM)),
+                             rng.normal(size=(20, DIM))]))
+    got = g.rank(q, 3)
+    want = brute_rank(vecs, names, pen, q, 3, method, 2)
+    for row_got, row_want in zip(got, want):
+        assert [m.name for m in row_got] == [n for n, _ in row_want]
+        assert [m.score for m in row_got] == pytest.approx([s for _, s in row_want], abs=1e-5)
+        assert all(m.penalty >= 0 for m in row_got)
+    # the best match's penalty is the one subtracted: score + penalty is a cosine similarity
+    if method == "max":
+        for x, row in zip(q, got):
+            best = row[0]
+            assert best.score + best.penalty == pytest.approx((vecs[names == best.name] @ x).max(), abs=1e-5)
+    # removing people keeps the remaining penalties aligned
+    with Gallery.edit(g_dir) as ge:
+        ge.penalties()
+        ge.remove(["e0", "e3", "e10"])
+        keep = ~np.isin(names, ["e0", "e3", "e10"])
+        assert ge.penalties() == pytest.approx(pen[keep], abs=1e-6)
+
+
+def test_a_crowded_face_needs_a_closer_match(tmp_path: Path, cohort: Cohort, model: ImpostorModel) -> None:
+    """The same probe, the same similarity: named by a gallery without a cohort, unknown with
+    one, when the enrolled face sits in a crowded part of face space."""
+    own = np.repeat(np.arange(cohort.n_people), np.diff(np.append(cohort.starts, len(cohort.vectors))))
+    crowded = cohort.vectors[int(np.argmax(cohort.penalties(cohort.vectors)))]
+    assert cohort.penalties(crowded[None])[0] > 0.05
+    assert own.size == len(cohort.vectors)
+    plain = replace(model, cohort=None)
+    probes = []
+    for g_dir, m in ((tmp_path / "plain", plain), (tmp_path / "cohort", model)):
+        Gallery.create(g_dir, DIM, EMB, impostor_model=m, target_fpir=0.01)
+        with Gallery.edit(g_dir) as g:
+            g.add(crowded[None], ["ada"])
+        g = Gallery.open(g_dir)
+        # a probe just above the (shared) threshold
+        t = g.threshold
+        rng = np.random.default_rng(4)
+        ortho = rng.normal(size=DIM)
+        ortho -= (ortho @ crowded) * crowded
+        ortho /= np.linalg.norm(ortho)
+        s = min(t + 0.02, 0.999)
+        probes.append(g.identify((s * crowded + np.sqrt(1 - s * s) * ortho)[None].astype(np.float32))[0])
+    assert probes[0].name == "ada" and probes[1].name == "unknown"
+    assert probes[1].score == pytest.approx(probes[0].score - cohort.penalties(crowded[None])[0], abs=1e-4)
+
+
+def test_the_shipped_embedders_carry_a_cohort() -> None:
+    """The default embedder's impostor model holds its development people as the cohort
+    (the LFW people held out of training), and typical faces get no penalty."""
+    from facepipe.embed import load_embedder
+    from facepipe.gallery.openset import impostor_model_for
+
+    m = impostor_model_for(load_embedder("default", device="cpu"))
+    assert m is not None and m.cohort is not None
+    c = m.cohort
+    assert c.n_people == m.n_people and len(c.vectors) == m.n_images and (c.k, c.skip) == (10, 1)
+    assert np.linalg.norm(c.vectors, axis=1) == pytest.approx(1.0, abs=2e-3)
+    own = np.repeat(np.arange(c.n_people), np.diff(np.append(c.starts, len(c.vectors))))
+    share = float((c.crowding(c.vectors, own=own) > c.reference).mean())
+    assert share == pytest.approx(0.5, abs=0.01)
