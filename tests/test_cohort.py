@@ -190,3 +190,31 @@ def test_the_shipped_embedders_carry_a_cohort() -> None:
     own = np.repeat(np.arange(c.n_people), np.diff(np.append(c.starts, len(c.vectors))))
     share = float((c.crowding(c.vectors, own=own) > c.reference).mean())
     assert share == pytest.approx(0.5, abs=0.01)
+
+
+def test_penalties_are_stored_with_the_gallery(tmp_path: Path, cohort: Cohort, model: ImpostorModel,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a gallery reads its penalties from the label file (no cohort search), unless
+    they were computed with another cohort; the record round-trips the cohort exactly."""
+    again = ImpostorModel.from_dict(json.loads(json.dumps(model.to_dict()))).cohort
+    assert again is not None and again.fingerprint == cohort.fingerprint
+    rng = np.random.default_rng(5)
+    vecs, names = crowded_people(rng, 30, (1, 2), prefix="s")
+    g_dir = tmp_path / "g"
+    Gallery.create(g_dir, DIM, EMB, impostor_model=model)
+    with Gallery.edit(g_dir) as g:
+        g.add(vecs, names)
+    labels = json.loads(next(g_dir.glob("labels-*.json")).read_text())
+    assert labels["penalties"]["cohort"] == cohort.fingerprint
+    assert labels["penalties"]["values"] == pytest.approx(cohort.penalties(vecs).tolist(), abs=1e-7)
+    calls = []
+    monkeypatch.setattr(Cohort, "penalties", lambda self, v: calls.append(len(v)) or np.zeros(len(v), np.float32))
+    g = Gallery.open(g_dir)
+    assert any(v > 0 for v in labels["penalties"]["values"])
+    assert g.penalties().tolist() == pytest.approx(labels["penalties"]["values"], abs=1e-7)
+    assert calls == []  # read, not recomputed
+    # another cohort (another embedder record): recomputed
+    other = build_cohort(*crowded_people(np.random.default_rng(6), 40), k=5, skip=1)
+    with Gallery.edit(g_dir) as ge:
+        ge.use_impostor_model(replace(model, cohort=other))
+    assert calls and sum(calls) == len(vecs)

@@ -26,7 +26,9 @@ threshold becomes an upper bound.
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -65,6 +67,14 @@ class Cohort:
     skip: int
     reference: float
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the vectors and settings: which cohort stored penalties came from."""
+        h = hashlib.sha256(np.ascontiguousarray(self.vectors, dtype="<f4").tobytes())
+        h.update(np.ascontiguousarray(self.starts, dtype="<i8").tobytes())
+        h.update(f"{self.k},{self.skip},{self.reference!r}".encode())
+        return h.hexdigest()[:16]
+
     @property
     def n_people(self) -> int:
         """Cohort people."""
@@ -99,7 +109,7 @@ class Cohort:
         sizes = np.diff(np.append(self.starts, self.vectors.shape[0]))
         return {
             "format": COHORT_FORMAT, "k": int(self.k), "skip": int(self.skip),
-            "reference": round(float(self.reference), 6),
+            "reference": float(self.reference),
             "rule": "penalty = max(0, crowding - reference); crowding = mean best similarity to the k most "
                     "similar cohort people after the skip most similar",
             "people": self.n_people, "photos": int(self.vectors.shape[0]), "dim": int(self.vectors.shape[1]),

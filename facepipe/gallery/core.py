@@ -46,7 +46,8 @@ class Gallery:
 
     def __init__(self, directory: Path, manifest: dict[str, Any], index: Any,
                  ids: np.ndarray, person: np.ndarray, names: list[str],
-                 sources: list[str | None], hashes: list[str | None], next_id: int) -> None:
+                 sources: list[str | None], hashes: list[str | None], next_id: int,
+                 penalties: tuple[str, np.ndarray] | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.index = index
@@ -60,6 +61,7 @@ class Gallery:
         self._rebuild_needed = False
         self._impostor_model: ImpostorModel | None = None
         self._penalty: np.ndarray | None = None  # cohort penalty per id (self._ids order), lazily
+        self._stored_penalty = penalties  # (cohort fingerprint, values) from the label file
         self._search_request = ("cpu", "auto", "fp32")  # (device, engine, precision) of to_device
         self._search_plan: SearchPlan | None = None
         self._searcher: Searcher | None = None          # built on first search, dropped on changes
@@ -125,12 +127,19 @@ class Gallery:
 
     def penalties(self) -> np.ndarray:
         """The cohort penalty of every enrolled vector, in :meth:`vectors` (id) order; zeros
-        without a cohort. Computed once per snapshot (new vectors as they are added)."""
+        without a cohort. Stored in the label file with the cohort's fingerprint (computed
+        again only for another cohort), new vectors' as they are added."""
         cohort = self.cohort
         if cohort is None:
             return np.zeros(len(self), np.float32)
+        if self._penalty is None and self._stored_penalty is not None:
+            fp, values = self._stored_penalty
+            if fp == cohort.fingerprint and values.size == len(self):
+                self._penalty = values
         if self._penalty is None or self._penalty.size != len(self):
-            self._penalty = cohort.penalties(self.vectors(self._ids))
+            self._penalty = np.concatenate(
+                [cohort.penalties(self.vectors(self._ids[i:i + 65536])) for i in range(0, len(self), 65536)]
+                or [np.zeros(0, np.float32)])
         return self._penalty
 
     @property
@@ -355,7 +364,7 @@ class Gallery:
     def _load(cls, d: Path, verify: bool) -> "Gallery":
         snap = read_snapshot(d, verify)
         return cls(d, snap.manifest, snap.index, snap.ids, snap.person, snap.names, snap.sources,
-                   snap.hashes, snap.next_id)
+                   snap.hashes, snap.next_id, snap.penalties)
 
     def check_embedder(self, embedder_id: str | None) -> None:
         """Refuse (GalleryError) when ``embedder_id`` differs from the gallery's."""
@@ -572,6 +581,10 @@ class Gallery:
             "entries": [[int(i), int(p), s, h] for i, p, s, h in
                         zip(self._ids.tolist(), self._person.tolist(), self._sources, self._hashes)],
         }
+        cohort = self.cohort
+        if cohort is not None:  # stored, so opening a large gallery does not recompute them
+            labels["penalties"] = {"cohort": cohort.fingerprint,
+                                   "values": [float(x) for x in self.penalties().tolist()]}
         write_generation(self.directory, m, self.index, labels, n, len(self.people()))
         self._dirty = False
         self._searcher = self._search_plan = None

@@ -192,6 +192,7 @@ class Snapshot:
     sources: list[str | None]
     hashes: list[str | None]
     next_id: int
+    penalties: tuple[str, np.ndarray] | None = None  # (cohort fingerprint, penalty per id)
 
 
 def new_manifest(embedder_id: str, embedder_sha256: str | None, dim: int, index_type: str, kind: str,
@@ -257,6 +258,13 @@ def read_snapshot(d: Path, verify: bool) -> Snapshot:
         sources = [e[2] for e in entries]
         hashes = [e[3] for e in entries]
         next_id = int(labels["next_id"])
+        pen = labels.get("penalties")
+        penalties = None
+        if pen is not None:
+            values = np.asarray(pen["values"], dtype=np.float32)
+            if values.shape != ids.shape or not np.isfinite(values).all() or (values < 0).any():
+                raise ValueError("cohort penalties do not match the entries")
+            penalties = (str(pen["cohort"]), values)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError,
             ValueError) as exc:
         raise GalleryError(lpath, f"corrupt gallery label file ({exc})") from exc
@@ -289,7 +297,7 @@ def read_snapshot(d: Path, verify: bool) -> Snapshot:
         apply_search_params(index, kind, params)
     elif ids.size:
         raise GalleryError(mpath, "manifest lists vectors but no index file")
-    return Snapshot(manifest, index, ids, person, names, sources, hashes, next_id)
+    return Snapshot(manifest, index, ids, person, names, sources, hashes, next_id, penalties)
 
 
 def write_generation(d: Path, manifest: dict[str, Any], index: Any, labels: dict[str, Any],
