@@ -218,3 +218,26 @@ def test_penalties_are_stored_with_the_gallery(tmp_path: Path, cohort: Cohort, m
     with Gallery.edit(g_dir) as ge:
         ge.use_impostor_model(replace(model, cohort=other))
     assert calls and sum(calls) == len(vecs)
+
+
+@pytest.mark.parametrize("method", ["max", "mean"])
+def test_rank_fetches_deeper_when_penalties_reorder(tmp_path: Path, model: ImpostorModel,
+                                                   monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """20 penalised decoys are the probe's nearest raw neighbours (more than the first k-NN
+    fetch holds); the unpenalised person behind them must still rank first."""
+    monkeypatch.setattr(Cohort, "penalties",
+                        lambda self, v: np.where(np.asarray(v)[:, 1] > 0.1, 0.3, 0.0).astype(np.float32))
+    eye = np.eye(DIM, dtype=np.float32)
+    decoys = [0.9 * eye[0] + 0.2 * eye[1] + np.sqrt(1 - 0.81 - 0.04) * eye[2 + i] for i in range(20)]
+    target = 0.8 * eye[0] + 0.6 * eye[DIM - 1]
+    vecs = unit(np.stack(decoys + [target, target]))
+    names = [f"decoy{i}" for i in range(20)] + ["target", "target"]
+    g_dir = tmp_path / "g"
+    Gallery.create(g_dir, DIM, EMB, impostor_model=model, aggregation=method, aggregation_n=2)
+    with Gallery.edit(g_dir) as g:
+        g.add(vecs, names)
+    g = Gallery.open(g_dir)
+    best = g.rank(eye[:1], 2)[0]
+    assert best[0].name == "target" and best[0].score == pytest.approx(0.8, abs=1e-5) and best[0].penalty == 0
+    assert best[1].name.startswith("decoy") and best[1].score == pytest.approx(0.6, abs=1e-5)
+    assert best[1].penalty == pytest.approx(0.3)
