@@ -377,6 +377,69 @@ def test_cli_one_line_errors(synthetic_files: dict[str, str], tmp_path: Path) ->
     assert res.exit_code != 0 and ".xml" in res.output
 
 
+def _tiny_dev_root(root: Path) -> Path:
+    """A development-data root with the layout --dev-faces reads: Caltech-like crops and two scenes, no LFW."""
+    import cv2
+
+    from facepipe.train.classifier_data import _stable_hash
+
+    rng = np.random.default_rng(11)
+    cdir = root / "face_nonface" / "caltech_faces_36x36"
+    cdir.mkdir(parents=True)
+    for name, n in (("faces_train.npz", 60), ("faces_val.npz", 20)):
+        crops = rng.integers(0, 90, (n, 36, 36)).astype(np.uint8)
+        crops[:, 8:28, 8:28] += 150  # a bright square where the "face" is
+        np.savez(cdir / name, images=crops)
+    sdir = root / "face_nonface" / "nonface_scenes" / "images"
+    sdir.mkdir(parents=True)
+    # one scene name in each split of the by-name rule (hash below 20 % -> validation)
+    names = [f"scene{i}.png" for i in range(40)]
+    val = next(n for n in names if _stable_hash(n) % 1000 < 200)
+    train = next(n for n in names if _stable_hash(n) % 1000 >= 200)
+    for n in (val, train):
+        cv2.imwrite(str(sdir / n), synthetic.noise(rng, 120, 160))
+    return root
+
+
+def test_packaged_scenes_join_dev_faces_negatives_split_by_name(tmp_path: Path) -> None:
+    """--packaged-scenes adds the installed face-free images, held out by name, and the record says so."""
+    from facepipe.train.classifier_data import _stable_hash
+    from facepipe.train.detector_data import packaged_scene_files
+
+    files = packaged_scene_files()
+    if not files:
+        pytest.skip("no packaged face-free images installed")
+    expect = {"train": [], "val": []}
+    for f in files:
+        expect["val" if _stable_hash(f.name) % 1000 < 200 else "train"].append(f"{f.parent.name}/{f.name}")
+    root = _tiny_dev_root(tmp_path / "data")
+    runner = CliRunner()
+    infos = {}
+    for flag in ([], ["--packaged-scenes"]):
+        out = tmp_path / ("with" if flag else "without") / "c.xml"
+        res = runner.invoke(cli, ["train", "cascade", "--dev-faces", *flag, "--data", str(root), "--out", str(out),
+                                  "--size", "16", "--stages", "1", "--num-pos", "100", "--num-neg", "100",
+                                  "--max-weak", "5", "--features-per-stage", "200", "--bins", "16", "-q"])
+        assert res.exit_code == 0, res.output
+        infos[bool(flag)] = load_state(out)["info"]
+    without, with_ = infos[False], infos[True]
+    assert "packaged_scenes" not in without
+    assert without["negative_images"] == {"train": 1, "val": 1}
+    assert with_["packaged_scenes"] == expect
+    assert with_["negative_images"] == {"train": 1 + len(expect["train"]), "val": 1 + len(expect["val"])}
+    assert with_["train"]["scenes"] == 1 + len(expect["train"]) and with_["val"]["scenes"] == 1 + len(expect["val"])
+    if any(f.name == "logo.png" for f in files):  # pins the split: the detector holds out the same images
+        assert "data/logo.png" in with_["packaged_scenes"]["val"]
+        assert "data/coins.png" in with_["packaged_scenes"]["train"]
+
+
+def test_packaged_scenes_need_dev_faces(synthetic_files: dict[str, str], tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["train", "cascade", "--positives", synthetic_files["positives"], "--negatives",
+                                   synthetic_files["negatives"], "--packaged-scenes", "--out",
+                                   str(tmp_path / "x.xml"), "-q"])
+    assert res.exit_code == 2 and "--packaged-scenes" in res.output and "Traceback" not in res.output
+
+
 # ----------------------------------------------------------------------------- the shipped face cascade
 SHIPPED = STOCK.parent / "facepipe_frontalface.xml"
 

@@ -33,6 +33,10 @@ def _parse_size(value: str) -> tuple[int, int]:
 @click.option("--dev-faces", is_flag=True,
               help="Train a face cascade on facepipe's development data (the CNN classifier's train split) "
                    "instead of --positives/--negatives; reports held-out figures on its validation split.")
+@click.option("--packaged-scenes", is_flag=True,
+              help="--dev-faces: add the people-free sample images shipped inside scikit-image, scikit-learn "
+                   "and matplotlib to the negatives (split by name like the scenes: training ones are "
+                   "mined, held-out ones count validation false alarms).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Development data root for --dev-faces [$FACEPIPE_DATA or ../shared/data].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -68,7 +72,7 @@ def _parse_size(value: str) -> tuple[int, int]:
 @click.option("--resume", is_flag=True, help="Continue the run whose state sits next to --out.")
 @click.option("--force", is_flag=True, help="Start over even if a training state exists next to --out.")
 @verbosity_options
-def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, data_dir: Path | None, out: Path,
+def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, packaged_scenes: bool, data_dir: Path | None, out: Path,
             size: str, stages: int, min_hit_rate: float, max_false_alarm: float, num_pos: int, num_neg: int,
             max_weak: int, boost: str, mode: str, features_per_stage: int, bins: int, mirror: bool | None,
             jitter: int, scale_step: float, seed: int, resume: bool, force: bool, quiet: bool, verbose: int) -> None:
@@ -88,6 +92,9 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, dat
         raise click.UsageError("--dev-faces replaces --positives/--negatives; give one or the other")
     if not dev_faces and (positives is None or negatives is None):
         raise click.UsageError("give --positives and --negatives (or --dev-faces)")
+    if packaged_scenes and not dev_faces:
+        raise click.UsageError("--packaged-scenes adds negatives to --dev-faces; with --negatives, copy the "
+                               "images into that folder instead")
     if out.suffix.lower() != ".xml":
         raise click.BadParameter(f"{out}: the cascade file must end in .xml", param_hint="--out")
     if dev_faces and width != height:
@@ -112,7 +119,8 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, dat
             root = Path(data_dir) if data_dir is not None else data_root()
             report(f"facepipe: loading the development face data from {root}", quiet)
             d = load_face_cascade_data(root, out.parent / "cache", size=width, seed=seed, jitter=jitter,
-                                       mirror=True if mirror is None else mirror, scale_step=scale_step)
+                                       mirror=True if mirror is None else mirror, scale_step=scale_step,
+                                       packaged_scenes=packaged_scenes)
             pos, neg, validation, info = d.train_pos, d.train_neg, (d.val_pos, d.val_neg), d.info
             info["data"] = str(root)
         else:

@@ -10,7 +10,13 @@ train/validation split; this module cuts cascade samples from the same splits:
   cascade's detections use the Caltech head-box convention of the CNN detector
   and of ``caltech_webfaces_dev``.
 * negatives: the face-free scenes, and the LFW photos away from their faces
-  (windows with IoU ≥ 0.3 to any squared head box are never drawn).
+  (windows with IoU ≥ 0.3 to any squared head box are never drawn). With
+  ``packaged_scenes=True`` also the people-free sample images shipped inside
+  scikit-image / scikit-learn / matplotlib
+  (:func:`facepipe.train.detector_data.packaged_scene_files`), split into train and
+  validation by file name exactly as the scenes are (:func:`add_packaged_scenes`):
+  training ones are more negative images, held-out ones more validation
+  false-alarm images.
 
 The detection sets (``detection/``) are not touched: they are the benchmark.
 """
@@ -20,11 +26,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from facepipe.vj.samples import NegativeImage, NegativeSource, to_grey
+
+if TYPE_CHECKING:
+    from facepipe.train.classifier_data import DataSplit
 
 
 @dataclass
@@ -71,6 +80,26 @@ def cut_windows(grey: np.ndarray, boxes: np.ndarray, size: int, rng: np.random.G
     return out
 
 
+def add_packaged_scenes(train: DataSplit, val: DataSplit, val_fraction: float = 0.2) -> dict[str, list[str]]:
+    """Append the installed packaged face-free images to the ``scenes`` of two :class:`DataSplit`s.
+
+    Split by file name with the rule the development scenes use (a stable hash of
+    the name below ``val_fraction``), so the same images are held out as in the
+    detector's ``--packaged-scenes``. Returns the names added to each split.
+    """
+    from facepipe.io import load_image
+    from facepipe.train.classifier_data import SourceImage, _stable_hash
+    from facepipe.train.detector_data import packaged_scene_files
+
+    added: dict[str, list[str]] = {"train": [], "val": []}
+    for f in packaged_scene_files():
+        name = f"{f.parent.name}/{f.name}"
+        is_val = (_stable_hash(f.name) % 1000) < val_fraction * 1000
+        (val if is_val else train).scenes.append(SourceImage(load_image(f), np.zeros((0, 4)), name))
+        added["val" if is_val else "train"].append(name)
+    return added
+
+
 def _positives(split, size: int, rng: np.random.Generator | None, jitter: int) -> np.ndarray:  # noqa: ANN001
     wins = []
     for src in list(split.crops) + list(split.faces):
@@ -90,17 +119,25 @@ def _negatives(split, size: int, scale_step: float, stride: int) -> NegativeSour
 
 def load_face_cascade_data(data: Path, cache_dir: Path, size: int = 24, seed: int = 0, jitter: int = 1,
                            mirror: bool = True, max_lfw_people: int = 2400, scale_step: float = 1.25,
-                           stride: int = 1, progress: Callable[[int, int], None] | None = None) -> FaceCascadeData:
-    """Positives and negatives of both splits from the development data root ``data``."""
+                           stride: int = 1, progress: Callable[[int, int], None] | None = None,
+                           packaged_scenes: bool = False) -> FaceCascadeData:
+    """Positives and negatives of both splits from the development data root ``data``.
+
+    ``packaged_scenes`` adds the face-free images shipped inside installed packages
+    (see :func:`add_packaged_scenes`) to both splits' negatives.
+    """
     from facepipe.train.classifier_data import load_sources
 
     train, val, info = load_sources(data, cache_dir, max_lfw_people=max_lfw_people, progress=progress)
+    info = dict(info)
+    if packaged_scenes:
+        info["packaged_scenes"] = add_packaged_scenes(train, val)
+        info["train"], info["val"] = train.summary(), val.summary()
     rng = np.random.default_rng(seed)
     train_pos = _positives(train, size, rng, jitter)
     if mirror:
         train_pos = np.concatenate([train_pos, train_pos[:, :, ::-1]])
     val_pos = _positives(val, size, None, 0)
-    info = dict(info)
     info.update({"train_positive_windows": int(len(train_pos)), "val_positive_windows": int(len(val_pos)),
                  "jitter_copies": jitter, "mirrored": mirror,
                  "negative_images": {"train": len(train.scenes) + len(train.faces),
