@@ -6,6 +6,8 @@ timings are comparable) on every development detection set with:
 
 * ``haar`` with OpenCV's ``haarcascade_frontalface_default`` / ``alt`` / ``alt2``,
 * ``haar`` with facepipe's cascade (``--cascade``, default the shipped one),
+* ``haar`` with any other facepipe cascades to compare (``--also XML=LABEL``,
+  e.g. a new training run next to the shipped cascade),
 * ``cnn``, facepipe's transfer-learned CNN detector,
 
 all at their default settings (scale factor 1.1, min_neighbors 3, min size 24).
@@ -14,6 +16,8 @@ record from its ``.train.json``) and PR plots to ``--out`` and prints a table.
 
 Example:
   python scripts/bench_cascades.py --out docs/results/cascades
+  python scripts/bench_cascades.py --cascade runs/cascade2/facepipe_frontalface.xml --label new \
+      --also cascades/facepipe_frontalface.xml=shipped --out runs/cascade2/bench
 """
 
 from __future__ import annotations
@@ -36,11 +40,25 @@ def _eval_detector():  # noqa: ANN202
     return mod
 
 
+def _training_record(cascade: Path) -> dict | None:
+    """Summary of the ``<name>.train.json`` next to a facepipe cascade, or None."""
+    state = cascade.with_name(cascade.stem + ".train.json")
+    if not state.is_file():
+        return None
+    st = json.loads(state.read_text())
+    return {"file": str(cascade), "params": st["params"], "stop_reason": st.get("stop_reason"),
+            "stages": len(st["stages"]), "weak_classifiers": sum(len(s["stumps"]) for s in st["stages"]),
+            "training_seconds": st.get("seconds"), "info": st.get("info"),
+            "last_stage": st["stage_stats"][-1] if st.get("stage_stats") else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cascade", type=Path, default=SHIPPED, help="facepipe cascade XML to benchmark")
     ap.add_argument("--label", default="facepipe-vj", help="report name of that cascade")
+    ap.add_argument("--also", action="append", default=[], metavar="XML=LABEL",
+                    help="another cascade to benchmark in the same run (repeatable)")
     ap.add_argument("--set", dest="sets", action="append", default=None,
                     help="detection set (default: every set under $FACEPIPE_DATA/detection)")
     ap.add_argument("--out", type=Path, required=True, help="output directory for results.json + PR plots")
@@ -49,11 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.cascade.is_file():
         ap.error(f"{args.cascade}: cascade not found")
+    also: list[tuple[Path, str]] = []
+    for item in args.also:
+        path, sep, label = item.rpartition("=")
+        if not sep or not path or not label:
+            ap.error(f"--also {item!r}: expected XML=LABEL")
+        if not Path(path).is_file():
+            ap.error(f"--also {item!r}: {path}: cascade not found")
+        if label in {args.label, "opencv-default", "opencv-alt", "opencv-alt2", "cnn"}:
+            ap.error(f"--also {item!r}: label {label!r} is taken")
+        also.append((Path(path), label))
 
     ev = ["--detector", "haar", "--opt", "cascade=default", "--label", "opencv-default",
           "--detector", "haar", "--opt", "cascade=alt", "--label", "opencv-alt",
           "--detector", "haar", "--opt", "cascade=alt2", "--label", "opencv-alt2",
           "--detector", "haar", "--opt", f"cascade={args.cascade}", "--label", args.label]
+    for path, label in also:
+        ev += ["--detector", "haar", "--opt", f"cascade={path}", "--label", label]
     if not args.no_cnn:
         ev += ["--detector", "cnn-pyramid", "--opt", "device=cpu", "--label", "cnn"]
     for s in args.sets or []:
@@ -67,14 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     res_path = args.out / "results.json"
     report = json.loads(res_path.read_text())
     report["command"] = " ".join(["scripts/bench_cascades.py"] + (argv if argv is not None else sys.argv[1:]))
-    state = args.cascade.with_name(args.cascade.stem + ".train.json")
-    if state.is_file():
-        st = json.loads(state.read_text())
-        report["cascade_training"] = {
-            "file": args.cascade.name, "params": st["params"], "stop_reason": st.get("stop_reason"),
-            "stages": len(st["stages"]), "weak_classifiers": sum(len(s["stumps"]) for s in st["stages"]),
-            "training_seconds": st.get("seconds"), "info": st.get("info"),
-            "last_stage": st["stage_stats"][-1] if st.get("stage_stats") else None}
+    record = _training_record(args.cascade)
+    if record is not None:
+        report["cascade_training"] = record
+    if also:
+        report["also_cascade_training"] = {label: _training_record(path) for path, label in also}
     res_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {res_path}")
     return 0
