@@ -442,6 +442,8 @@ def test_packaged_scenes_need_dev_faces(synthetic_files: dict[str, str], tmp_pat
 
 # ----------------------------------------------------------------------------- the shipped face cascade
 SHIPPED = STOCK.parent / "facepipe_frontalface.xml"
+#: earlier shipped versions, kept with their training records so their benchmarks stay reproducible
+ARCHIVED = sorted((STOCK.parent.parent / "docs" / "results" / "cascades").glob("*/facepipe_frontalface.xml"))
 
 
 def test_shipped_face_cascade_finds_the_astronaut(astronaut: np.ndarray) -> None:
@@ -466,3 +468,68 @@ def test_shipped_face_cascade_python_evaluation_matches_opencv(astronaut: np.nda
     ours = passed == len(cascade.stages)
     np.testing.assert_array_equal(ours, acc_cv)
     np.testing.assert_array_equal(sums[ours], sums_cv[ours])
+
+
+@pytest.mark.parametrize("xml", [SHIPPED, *ARCHIVED], ids=lambda p: str(p.relative_to(STOCK.parent.parent)))
+def test_face_cascade_matches_its_training_record(xml: Path, astronaut: np.ndarray) -> None:
+    """The ``.train.json`` next to a facepipe cascade is the record of exactly that XML: the
+    same stages, thresholds and stumps (the record's global feature ids resolve to the XML's
+    rectangles), the same settings, one figure line per stage; rebuilt from the record, the
+    cascade takes the same decisions as OpenCV running the XML."""
+    from facepipe.vj.features import generate_features
+    from facepipe.vj.model import Stage, Stump
+
+    record = json.loads(xml.with_name(xml.stem + ".train.json").read_text())
+    cascade = read_cascade(xml)
+    p = record["params"]
+    assert (cascade.width, cascade.height) == (p["width"], p["height"])
+    assert cascade.params["boost"] == p["boost"] and cascade.params["mode"] == p["mode"]
+    assert cascade.params["min_hit_rate"] == pytest.approx(p["min_hit_rate"])
+    assert len(record["stages"]) == len(cascade.stages) == len(record["stage_stats"])
+    assert [len(s["stumps"]) for s in record["stages"]] == [len(s.stumps) for s in cascade.stages] == \
+        [st["n_weak"] for st in record["stage_stats"]]
+    feats = generate_features(p["width"], p["height"], p["mode"])
+    f32 = np.float32
+    for rec_stage, stage in zip(record["stages"], cascade.stages):
+        assert f32(rec_stage["threshold"]) == f32(stage.threshold)
+        for (f, t, left, right), stump in zip(rec_stage["stumps"], stage.stumps):
+            assert (f32(t), f32(left), f32(right)) == (f32(stump.threshold), f32(stump.left), f32(stump.right))
+            np.testing.assert_array_equal(feats.rects[f], cascade.features.rects[stump.feature])
+            np.testing.assert_array_equal(feats.weights[f], cascade.features.weights[stump.feature])
+    rebuilt = Cascade(p["width"], p["height"], feats,
+                      [Stage([Stump(int(f), float(f32(t)), float(f32(lv)), float(f32(rv))) for f, t, lv, rv in s["stumps"]],
+                             float(f32(s["threshold"]))) for s in record["stages"]])
+    wins = _astronaut_windows(astronaut, p["width"], 60)
+    passed, _ = rebuilt.evaluate_windows(wins)
+    acc_cv, _ = _opencv_single_windows(xml, wins)
+    np.testing.assert_array_equal(passed == len(rebuilt.stages), acc_cv)
+
+
+def test_shipped_face_cascade_round_trips_through_our_writer(tmp_path: Path, astronaut: np.ndarray) -> None:
+    """Read and rewritten by facepipe's XML code, the shipped cascade is the same detector
+    to OpenCV: identical boxes on the whole photo, the face among them."""
+    import cv2
+
+    copy = write_cascade(read_cascade(SHIPPED), tmp_path / "copy.xml")
+    grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    boxes = []
+    for xml in (SHIPPED, copy):
+        cc = cv2.CascadeClassifier(str(xml))
+        assert not cc.empty()
+        r, _, w = cc.detectMultiScale3(grey, scaleFactor=1.1, minNeighbors=3, minSize=(24, 24),
+                                       outputRejectLevels=True)
+        boxes.append((np.asarray(r).reshape(-1, 4).tolist(), np.ravel(w).tolist()))
+    assert boxes[0] == boxes[1]
+    cx, cy = 181 + 87 / 2, 62 + 110 / 2  # centre of the tight face box
+    assert any(x < cx < x + w and y < cy < y + h for x, y, w, h in boxes[0][0])
+
+
+def test_detect_cli_finds_the_astronaut_with_the_shipped_cascade(astronaut_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["detect", "--detector", "haar", "--cascade", SHIPPED.name, "--format", "json",
+                                   str(astronaut_path)])
+    assert res.exit_code == 0, res.output
+    faces = json.loads(res.output)[0]["faces"]
+    assert faces and all(f["detector"] == "haar" for f in faces)
+    best = max(faces, key=lambda f: f["det_response"])
+    cx, cy = best["x"] + best["w"] / 2, best["y"] + best["h"] / 2
+    assert abs(cx - (181 + 87 / 2)) < 20 and abs(cy - (62 + 110 / 2)) < 25
