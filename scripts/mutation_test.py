@@ -64,6 +64,12 @@ TARGETS: dict[str, Target] = {
         ("calibrate_threshold", "dir_fpir_curve", "Decision.known", "Gallery.identify", "Gallery.rank",
          "Gallery.calibration_scores", "Gallery.threshold", "Gallery.set_threshold", "Gallery.aggregation"),
         ("tests/test_gallery.py", "tests/test_open_set_threshold.py", "tests/test_gallery_decision.py")),
+    "cohort": Target(
+        "cohort penalties and the gallery's ranking by similarity minus penalty",
+        ("facepipe/gallery/cohort.py", "facepipe/gallery/core.py"),
+        ("Cohort.fingerprint", "Cohort.crowding", "Cohort.penalties", "Cohort.to_dict", "Cohort.from_dict",
+         "build_cohort", "_encode", "_decode", "Gallery.rank", "Gallery.penalties", "Gallery.cohort"),
+        ("tests/test_cohort.py",)),
     "align": Target(
         "five-landmark similarity alignment and the box-crop fallback",
         ("facepipe/align.py",), (),

@@ -99,6 +99,53 @@ def test_record_round_trip_and_validation(cohort: Cohort, model: ImpostorModel) 
         build_cohort(cohort.vectors[:5], ["a", "b", "c", "d", "e"], k=5, skip=1)
 
 
+def test_cohort_limits_and_validation(cohort: Cohort) -> None:
+    """The smallest valid cohorts are accepted, one person fewer or a bad setting refused;
+    a record with an empty person, a non-finite vector or non-base64 text is refused."""
+    v, lab = cohort.vectors[:7], [str(i) for i in range(7)]
+    assert build_cohort(v, lab, k=5, skip=1).n_people == 7  # k + skip + 1 people: enough
+    assert build_cohort(v[:6], lab[:6], k=5, skip=0).skip == 0
+    for kw in ({"k": 0, "skip": 0}, {"k": 5, "skip": -1}):
+        with pytest.raises(ValueError):
+            build_cohort(v, lab, **kw)
+    with pytest.raises(ValueError, match="too few"):
+        build_cohort(v[:6], lab[:6], k=5, skip=1)
+    for bad_v, bad_lab in ((v, lab[:6]), (v[0], lab[:1]), (v[:, :, None], lab)):
+        with pytest.raises(ValueError, match="do not match"):
+            build_cohort(bad_v, bad_lab)
+    rec = cohort.to_dict()
+    assert Cohort.from_dict({**rec, "k": 59, "skip": 1}).k == 59  # k + skip == people: allowed
+    assert Cohort.from_dict({**rec, "skip": 0}).skip == 0
+    for bad in ({**rec, "k": 0}, {**rec, "skip": -1}, {**rec, "k": 59, "skip": 2}):
+        with pytest.raises(ValueError, match="do not fit"):
+            Cohort.from_dict(bad)
+    sizes = np.diff(np.append(cohort.starts, len(cohort.vectors))).astype("<u2")
+    sizes[0], sizes[1] = sizes[0] + sizes[1], 0  # same total, one empty person
+    import base64
+    with pytest.raises(ValueError, match="sizes"):
+        Cohort.from_dict({**rec, "sizes_u16": base64.b64encode(sizes.tobytes()).decode()})
+    nan_v = cohort.vectors.astype("<f2")
+    nan_v[3, 4] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        Cohort.from_dict({**rec, "vectors_f16": base64.b64encode(nan_v.tobytes()).decode()})
+    with pytest.raises(ValueError):  # '*' is not base64: refused, not skipped
+        Cohort.from_dict({**rec, "sizes_u16": rec["sizes_u16"][:-4] + "**" + rec["sizes_u16"][-4:]})
+
+
+def test_crowding_in_blocks_matches_one_block(cohort: Cohort, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many more rows than a block (and more rows than dimensions) give the same crowding."""
+    import facepipe.gallery.cohort as cohort_mod
+
+    rng = np.random.default_rng(7)
+    q = unit(rng.normal(size=(3 * DIM, DIM)))
+    own = rng.integers(-1, cohort.n_people, size=len(q))
+    whole, whole_own = cohort.crowding(q), cohort.crowding(q, own=own)
+    monkeypatch.setattr(cohort_mod, "BLOCK", 7)
+    np.testing.assert_allclose(cohort.crowding(q), whole, atol=1e-6)
+    np.testing.assert_allclose(cohort.crowding(q, own=own), whole_own, atol=1e-6)
+    np.testing.assert_allclose(whole_own, brute_crowding(cohort, q, own), atol=1e-5)
+
+
 def brute_rank(vecs: np.ndarray, names: np.ndarray, pen: np.ndarray, q: np.ndarray, k: int,
                method: str, agg_n: int) -> list[list[tuple[str, float]]]:
     out = []
@@ -228,16 +275,31 @@ def test_rank_fetches_deeper_when_penalties_reorder(tmp_path: Path, model: Impos
     monkeypatch.setattr(Cohort, "penalties",
                         lambda self, v: np.where(np.asarray(v)[:, 1] > 0.1, 0.3, 0.0).astype(np.float32))
     eye = np.eye(DIM, dtype=np.float32)
-    decoys = [0.9 * eye[0] + 0.2 * eye[1] + np.sqrt(1 - 0.81 - 0.04) * eye[2 + i] for i in range(20)]
-    target = 0.8 * eye[0] + 0.6 * eye[DIM - 1]
-    vecs = unit(np.stack(decoys + [target, target]))
-    names = [f"decoy{i}" for i in range(20)] + ["target", "target"]
+
+    def at(sim: float, axis: int, marker: float = 0.0) -> np.ndarray:
+        return sim * eye[0] + marker * eye[1] + np.sqrt(1 - sim * sim - marker * marker) * eye[axis]
+
+    decoys = [at(0.9, 2 + i, 0.2) for i in range(20)]  # cosine 0.9, penalty 0.3
+    # target: two plain photos at 0.8 and a penalised one at 0.85 (its mean of the best 2 is 0.8)
+    vecs = unit(np.stack(decoys + [at(0.8, 24), at(0.8, 25), at(0.85, 26, 0.2)]))
+    names = [f"decoy{i}" for i in range(20)] + ["target"] * 3
     g_dir = tmp_path / "g"
     Gallery.create(g_dir, DIM, EMB, impostor_model=model, aggregation=method, aggregation_n=2)
     with Gallery.edit(g_dir) as g:
         g.add(vecs, names)
     g = Gallery.open(g_dir)
+    assert len(g.rank(eye[:1])[0]) == 1  # top_k defaults to 1
     best = g.rank(eye[:1], 2)[0]
     assert best[0].name == "target" and best[0].score == pytest.approx(0.8, abs=1e-5) and best[0].penalty == 0
     assert best[1].name.startswith("decoy") and best[1].score == pytest.approx(0.6, abs=1e-5)
     assert best[1].penalty == pytest.approx(0.3)
+    # the first person is settled by the first fetch, the second is not: both must be right
+    with Gallery.edit(g_dir) as ge:
+        ge.add(unit(at(0.95, 27)[None]), ["first"])
+    g = Gallery.open(g_dir)
+    # a batch: queries after one that needs a deeper fetch are answered too
+    q = np.stack([eye[0], eye[27], eye[24]])
+    ranked = g.rank(q, 2)
+    assert [m.name for m in ranked[0]] == ["first", "target"]
+    assert [m.score for m in ranked[0]] == pytest.approx([0.95, 0.8], abs=1e-5)
+    assert ranked[1][0].name == "first" and ranked[2][0].name == "target"
