@@ -105,6 +105,7 @@ def test_cohort_limits_and_validation(cohort: Cohort) -> None:
     v, lab = cohort.vectors[:7], [str(i) for i in range(7)]
     assert build_cohort(v, lab, k=5, skip=1).n_people == 7  # k + skip + 1 people: enough
     assert build_cohort(v[:6], lab[:6], k=5, skip=0).skip == 0
+    assert build_cohort(v, lab, k=1, skip=0).k == 1
     for kw in ({"k": 0, "skip": 0}, {"k": 5, "skip": -1}):
         with pytest.raises(ValueError):
             build_cohort(v, lab, **kw)
@@ -116,6 +117,7 @@ def test_cohort_limits_and_validation(cohort: Cohort) -> None:
     rec = cohort.to_dict()
     assert Cohort.from_dict({**rec, "k": 59, "skip": 1}).k == 59  # k + skip == people: allowed
     assert Cohort.from_dict({**rec, "skip": 0}).skip == 0
+    assert Cohort.from_dict({**rec, "k": 1}).k == 1
     for bad in ({**rec, "k": 0}, {**rec, "skip": -1}, {**rec, "k": 59, "skip": 2}):
         with pytest.raises(ValueError, match="do not fit"):
             Cohort.from_dict(bad)
@@ -303,3 +305,33 @@ def test_rank_fetches_deeper_when_penalties_reorder(tmp_path: Path, model: Impos
     assert [m.name for m in ranked[0]] == ["first", "target"]
     assert [m.score for m in ranked[0]] == pytest.approx([0.95, 0.8], abs=1e-5)
     assert ranked[1][0].name == "first" and ranked[2][0].name == "target"
+
+
+@pytest.mark.parametrize("method", ["max", "mean"])
+def test_rank_fetches_deeper_for_enough_people(tmp_path: Path, model: ImpostorModel,
+                                               monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """One person's 30 photos fill the first fetch: the search goes deeper until two people
+    appear (for every query of a batch), and three people in the fetch are enough for two."""
+    monkeypatch.setattr(Cohort, "penalties", lambda self, v: np.zeros(len(v), np.float32))
+    rng = np.random.default_rng(8)
+    eye = np.eye(DIM, dtype=np.float32)
+
+    def near(sim: float, n: int) -> np.ndarray:
+        noise = rng.normal(size=(n, DIM)).astype(np.float32)
+        noise[:, 0] = 0
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        return unit(sim * eye[0] + np.sqrt(1 - sim * sim) * noise)
+
+    vecs = np.concatenate([near(0.95, 30), near(0.8, 30), near(0.5, 40)])
+    names = ["a"] * 30 + ["b"] * 30 + ["c"] * 40
+    g_dir = tmp_path / "g"
+    Gallery.create(g_dir, DIM, EMB, impostor_model=model, aggregation=method, aggregation_n=2)
+    with Gallery.edit(g_dir) as g:
+        g.add(vecs, names)
+    g = Gallery.open(g_dir)
+    q = np.stack([eye[0], eye[0], unit(vecs[70:71])[0]])
+    ranked = g.rank(q, 2)
+    want = brute_rank(vecs, np.asarray(names), np.zeros(len(vecs), np.float32), q, 2, method, 2)
+    for got, exp in zip(ranked, want):
+        assert [m.name for m in got] == [n for n, _ in exp]
+        assert [m.score for m in got] == pytest.approx([x for _, x in exp], abs=1e-5)
