@@ -129,7 +129,8 @@ def table() -> list[Default]:
                                                       "(MTCNN 20, Haar and cnn-pyramid 24, cnn from ≈ 12)"),
         Default("--min-embed-size", MIN_EMBED_SIZE, "smallest face side (px) that is embedded and named; "
                                                     "smaller faces are reported, not identified"),
-        Default("--cascade", CASCADE, "Haar cascade of haar and haar+cnn"),
+        Default("--cascade", CASCADE, "Haar cascade of haar and haar+cnn: OpenCV's `default`, `alt`, `alt2`, "
+                "`alt_tree`, `profile`, facepipe's own `facepipe_frontalface.xml`, or a cascade XML path"),
         Default("--top-k", TOP_K, "candidates listed per face by identify"),
         Default("--fpir", TARGET_FPIR, "target false-positive identification rate of a new gallery: its "
                                        "threshold comes from the embedder's impostor model and follows the "
