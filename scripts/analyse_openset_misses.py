@@ -123,15 +123,20 @@ def splits(people: list[str], photo_rows: dict[str, list[int]], n_splits: int = 
 
 def crowding(v: np.ndarray, dev: np.ndarray, dev_labels: np.ndarray, own: np.ndarray | None = None,
              k: int = CONFUSED_K) -> np.ndarray:
-    """Mean cosine of each vector's ``k`` most similar development people (best photo each)."""
-    order = np.argsort(dev_labels, kind="stable")
-    lab = dev_labels[order]
-    _, starts = np.unique(lab, return_index=True)
-    s = v @ dev[order].T
-    if own is not None:
-        s[own[:, None] == lab[None, :]] = -1.0
-    per_person = np.maximum.reduceat(s, starts, axis=1)
-    return np.sort(per_person, axis=1)[:, -k:].mean(axis=1)
+    """Mean cosine of each vector's ``k`` most similar development people (best photo each):
+    the crowding of :class:`facepipe.gallery.cohort.Cohort` with nobody skipped; ``own``
+    (labels) leaves each row's own person out."""
+    from facepipe.gallery.cohort import Cohort
+
+    people, code = np.unique(dev_labels, return_inverse=True)
+    order = np.argsort(code, kind="stable")
+    _, starts = np.unique(code[order], return_index=True)
+    cohort = Cohort(np.asarray(dev, np.float32)[order], starts.astype(np.int64), k, 0, 0.0)
+    if own is None:
+        return cohort.crowding(v)
+    pos = np.searchsorted(people, own)
+    known = (pos < len(people)) & (people[np.minimum(pos, len(people) - 1)] == own)
+    return cohort.crowding(v, own=np.where(known, pos, -1))
 
 
 def main() -> None:

@@ -118,12 +118,15 @@ SETTINGS = ("fixed 0.5", "default", "default without cohort", "calibrated")
 def dir_at_fpir(stranger_scores: np.ndarray, mated_scores: np.ndarray, mated_right: np.ndarray,
                 n_mated: int, fpir: float) -> dict[str, float]:
     """DIR at the one threshold (shared by every split) where the pooled strangers' FPIR is
-    ``fpir``: compares decision rules at an equal false-identification rate."""
-    s = np.sort(np.asarray(stranger_scores))[::-1]
-    k = int(np.floor(fpir * s.size))
-    t = float(np.nextafter(np.float32(s[k]), np.float32(np.inf))) if k < s.size else -np.inf
-    return {"threshold": t, "fpir": float((s >= t).mean()),
-            "dir": float(((mated_scores >= t) & mated_right).sum() / max(n_mated, 1))}
+    ``fpir`` (:func:`facepipe.gallery.calibrate_threshold`): compares decision rules at an
+    equal false-identification rate. Mated probes without a face (``n_mated`` counts them)
+    are misses."""
+    from facepipe.gallery import calibrate_threshold
+
+    missing = n_mated - len(mated_scores)
+    cal = calibrate_threshold(stranger_scores, fpir, np.append(mated_scores, np.full(missing, -np.inf)),
+                              np.append(np.asarray(mated_right, bool), np.zeros(missing, bool)))
+    return {"threshold": cal.threshold, "fpir": cal.fpir, "dir": float(cal.dir)}
 
 
 def user_check(emb_id: str, dim: int, model: Any, sets: dict[str, dict[str, Any]], strangers: dict[str, np.ndarray],
