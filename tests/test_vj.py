@@ -533,3 +533,80 @@ def test_detect_cli_finds_the_astronaut_with_the_shipped_cascade(astronaut_path:
     best = max(faces, key=lambda f: f["det_response"])
     cx, cy = best["x"] + best["w"] / 2, best["y"] + best["h"] / 2
     assert abs(cx - (181 + 87 / 2)) < 20 and abs(cy - (62 + 110 / 2)) < 25
+
+
+# ----------------------------------------------------------------------------- held-out stage thresholds
+def test_calibration_split_holds_out_whole_groups() -> None:
+    from facepipe.vj.train import calibration_split
+
+    groups = np.repeat(np.arange(50), 4)  # 50 objects, 4 copies each (jitter, mirror)
+    held = calibration_split(groups, 0.2, seed=1)
+    assert held.sum() == 10 * 4
+    for g in range(50):
+        assert held[groups == g].all() or not held[groups == g].any()
+    np.testing.assert_array_equal(held, calibration_split(groups, 0.2, seed=1))  # reproducible
+    assert not np.array_equal(held, calibration_split(groups, 0.2, seed=2))
+    with pytest.raises(ValueError, match="empty"):
+        calibration_split(np.arange(3), 0.1, seed=0)
+
+
+def test_stage_threshold_from_calibration_positives(problem) -> None:  # noqa: ANN001
+    pos, neg = problem
+    rng = np.random.default_rng(0)
+    negw = neg.random_windows(400, rng)
+    samples = np.concatenate([pos[:300], negw])
+    cal = pos[300:600]
+    y = np.r_[np.ones(300), -np.ones(len(negw))]
+    ii, sq = integral_images(samples)
+    vnf, _ = window_norm(ii, sq)
+    cii, csq = integral_images(cal)
+    feats = generate_features(S, S)
+    stage, rep = train_stage(ii.reshape(len(samples), -1).astype(np.float64), vnf, y, feats,
+                             rng.choice(len(feats), 1500, replace=False), StageSettings(0.99, 0.5, 30, "gentle", 32),
+                             rng, calibration=(cii.reshape(len(cal), -1).astype(np.float64), window_norm(cii, csq)[0]))
+    one = Cascade(S, S, feats, [stage])
+    # the reported hit rate is the held-out positives', measured independently, and meets the target
+    assert rep.n_calibration == len(cal)
+    assert one.accepts(cal).mean() == pytest.approx(rep.hit_rate) and rep.hit_rate >= 0.99
+    assert one.accepts(samples[:300]).mean() == pytest.approx(rep.train_hit_rate)
+    assert one.accepts(samples[300:]).mean() == pytest.approx(rep.false_alarm) and rep.false_alarm <= 0.5
+    # the threshold is the one the calibration sums call for, not the training positives'
+    _, cal_sums = one.evaluate_windows(cal)
+    assert stage.threshold == stage_threshold(cal_sums, 0.99)
+
+
+def test_cascade_with_held_out_thresholds_keeps_unseen_positives(problem, tmp_path: Path) -> None:  # noqa: ANN001
+    from facepipe.vj.train import calibration_split
+
+    pos, neg = problem
+    groups = np.arange(len(pos)) // 2
+    params = replace(PARAMS, calibration_fraction=0.3, min_hit_rate=0.99)
+    result = train_cascade(pos, neg, params, tmp_path / "cal.xml", groups=groups)
+    held = calibration_split(groups, 0.3, params.seed)
+    assert all(s["n_calibration"] > 0 and s["hit_rate"] >= 0.99 for s in result.stages)
+    assert all("train_hit_rate" in s for s in result.stages)
+    # every stage kept >= 0.99 of the held-out positives still alive, so the whole cascade keeps >= 0.99^k
+    assert result.cascade.accepts(pos[held]).mean() >= 0.99 ** len(result.stages)
+    assert load_state(tmp_path / "cal.xml")["positives"]["calibration"] == int(held.sum())
+    with pytest.raises(ValueError, match="groups has"):
+        train_cascade(pos, neg, params, tmp_path / "bad.xml", groups=groups[:-1])
+
+
+def test_cli_calibration_fraction_holds_out_mirrored_pairs(synthetic_files: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "cal.xml"
+    res = CliRunner().invoke(cli, ["train", "cascade", "--positives", synthetic_files["positives"], "--negatives",
+                                   synthetic_files["negatives"], "--out", str(out), "--size", str(S), "--stages", "3",
+                                   "--num-pos", "300", "--num-neg", "300", "--features-per-stage", "1000",
+                                   "--bins", "32", "--mirror", "--calibration-fraction", "0.25", "-q"])
+    assert res.exit_code == 0, res.output
+    state = load_state(out)
+    assert state["params"]["calibration_fraction"] == 0.25
+    n_pos = state["positives"]["given"]
+    # whole objects are held out: an image and its mirror image go together (an even count)
+    assert state["positives"]["calibration"] % 2 == 0
+    assert abs(state["positives"]["calibration"] - 0.25 * n_pos) <= 2
+    assert all(s["n_calibration"] > 0 and s["hit_rate"] >= 0.995 for s in state["stage_stats"])
+    bad = CliRunner().invoke(cli, ["train", "cascade", "--positives", synthetic_files["positives"], "--negatives",
+                                   synthetic_files["negatives"], "--out", str(tmp_path / "b.xml"), "--size", str(S),
+                                   "--calibration-fraction", "0.7"])
+    assert bad.exit_code != 0 and "calibration-fraction" in bad.output

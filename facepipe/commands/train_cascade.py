@@ -68,6 +68,11 @@ def _parse_size(value: str) -> tuple[int, int]:
               help="--dev-faces: randomly shifted/scaled/rotated copies per face.")
 @click.option("--scale-step", type=FiniteFloat(1.05, 4.0), default=1.25, show_default=True,
               help="Pyramid step between the scales negatives are drawn at.")
+@click.option("--calibration-fraction", type=FiniteFloat(0.0, 0.5), default=0.0, show_default=True,
+              help="Hold this fraction of the positives (whole objects: a face with its jittered and mirrored "
+                   "copies) out of boosting and set every stage's threshold to keep --min-hit-rate of them, "
+                   "so the hit rate holds for unseen objects (0: thresholds on the boosting positives, "
+                   "as OpenCV's traincascade does).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run whose state sits next to --out.")
 @click.option("--force", is_flag=True, help="Start over even if a training state exists next to --out.")
@@ -75,7 +80,7 @@ def _parse_size(value: str) -> tuple[int, int]:
 def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, packaged_scenes: bool, data_dir: Path | None, out: Path,
             size: str, stages: int, min_hit_rate: float, max_false_alarm: float, num_pos: int, num_neg: int,
             max_weak: int, boost: str, mode: str, features_per_stage: int, bins: int, mirror: bool | None,
-            jitter: int, scale_step: float, seed: int, resume: bool, force: bool, quiet: bool, verbose: int) -> None:
+            jitter: int, scale_step: float, calibration_fraction: float, seed: int, resume: bool, force: bool, quiet: bool, verbose: int) -> None:
     """Train a Viola–Jones cascade (Haar features, boosted stumps, bootstrapped negatives).
 
     Writes OpenCV's cascade XML, loadable by cv2.CascadeClassifier and by
@@ -108,10 +113,11 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, pac
         params = TrainParams(width=width, height=height, stages=stages, min_hit_rate=min_hit_rate,
                              max_false_alarm=max_false_alarm, num_pos=num_pos, num_neg=num_neg,
                              max_weak=max_weak, boost=boost, mode=mode, features_per_stage=features_per_stage,
-                             bins=bins, seed=seed)
+                             bins=bins, seed=seed, calibration_fraction=calibration_fraction)
         params.validate()
         validation = None
         info: dict = {}
+        groups = None
         if dev_faces:
             from facepipe.datasets import data_root
             from facepipe.vj.facedata import load_face_cascade_data
@@ -122,10 +128,12 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, pac
                                        mirror=True if mirror is None else mirror, scale_step=scale_step,
                                        packaged_scenes=packaged_scenes)
             pos, neg, validation, info = d.train_pos, d.train_neg, (d.val_pos, d.val_neg), d.info
+            groups = d.train_groups
             info["data"] = str(root)
         else:
             pos = load_positives(positives, width, height)
             if mirror:
+                groups = np.tile(np.arange(len(pos)), 2)
                 pos = mirrored(pos)
             neg = NegativeSource.from_folder(negatives, width, height, scale_step=scale_step)
             info = {"positives": str(positives), "negatives": str(negatives), "mirrored": bool(mirror)}
@@ -149,7 +157,8 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, pac
             extra = ""
             if "val_hit_rate" in st:
                 extra = f" | val hit {st['val_hit_rate']:.4f} fa {st['val_false_alarm']:.2e}"
-            report(f"facepipe: stage {st['stage'] + 1}/{stages}: {st['n_weak']} stumps, hit {st['hit_rate']:.4f}, "
+            held = " (held-out calibration positives)" if "train_hit_rate" in st else ""
+            report(f"facepipe: stage {st['stage'] + 1}/{stages}: {st['n_weak']} stumps, hit {st['hit_rate']:.4f}{held}, "
                    f"false alarm {st['false_alarm']:.3f} on {st['n_pos']}+{st['n_neg']} samples | cascade "
                    f"accepted {st['neg_acceptance_before']:.2e} of negatives before it{extra} | {st['seconds']:.0f} s",
                    quiet)
@@ -160,7 +169,7 @@ def cascade(positives: Path | None, negatives: Path | None, dev_faces: bool, pac
             f"Command line and per-stage figures: {out.stem}.train.json"
         result = train_cascade(np.ascontiguousarray(pos), neg, params, out, resume=resume, overwrite=force,
                                validation=validation, info=info, comment=note, on_stage=on_stage,
-                               on_round=on_round)
+                               on_round=on_round, groups=groups)
         if bar is not None:
             bar.close()
     except (FacepipeError, ValueError) as exc:

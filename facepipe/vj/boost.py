@@ -11,6 +11,10 @@ possible stump of every feature, and the best one wins. Its leaves are computed
 from the exact feature values. After each round the stage threshold is moved so
 that ``min_hit_rate`` of the stage's positives pass, and the stage is complete
 when at most ``max_false_alarm`` of its negatives do (or at ``max_weak`` stumps).
+With *calibration* positives (held out from boosting) the threshold is set on
+them instead: stumps fit their own training positives, so a threshold set there
+keeps fewer than ``min_hit_rate`` of unseen ones (a 24×24 face cascade trained at
+0.998 per stage kept 0.89 of held-out faces after 18 stages, ≈ 0.994 per stage).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class StageReport:
     n_features: int
     seconds: float
     rounds: list[tuple[float, float]] = field(default_factory=list)  # (hit rate, false alarm) per stump
+    train_hit_rate: float | None = None  # the boosting positives' hit rate when hit_rate is the calibration set's
+    n_calibration: int = 0
 
 
 def accept_threshold(thr: float) -> np.float64:
@@ -149,12 +155,16 @@ def _leaves(left: np.ndarray, y: np.ndarray, w: np.ndarray, boost: str) -> tuple
 
 def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: HaarFeatures, ids: np.ndarray,
                 settings: StageSettings, rng: np.random.Generator,
-                on_round: Callable[[int, float, float], None] | None = None) -> tuple[Stage, StageReport]:
+                on_round: Callable[[int, float, float], None] | None = None,
+                calibration: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Stage, StageReport]:
     """Boost stumps over features ``ids`` until the stage meets its targets.
 
     ``flat`` are the samples' flattened float64 integral images ``(N, (H+1)(W+1))``,
     ``vnf`` their float32 normalisation, ``y`` labels ±1. Stumps refer to feature
     indices of ``features`` (the global set), not to positions in ``ids``.
+    ``calibration`` = ``(flat, vnf)`` of held-out positives: the stage threshold keeps
+    ``min_hit_rate`` of them (and the reported hit rate is theirs) instead of the
+    training positives'.
     """
     if settings.boost not in BOOST_TYPES:
         raise ValueError(f"unknown boost type {settings.boost!r}; valid: {', '.join(BOOST_TYPES)}")
@@ -179,6 +189,14 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
     del codes
     log.debug("stage matrix: %d features x %d samples in %.1fs", len(ids), len(y), time.perf_counter() - t0)
 
+    cal_t = cal_vnf = None
+    cal_sums = np.zeros(0, np.float64)
+    if calibration is not None:
+        cal_flat, cal_vnf = calibration
+        if len(cal_flat) == 0:
+            raise ValueError("calibration positives are empty")
+        cal_t = np.ascontiguousarray(np.asarray(cal_flat, np.float64).T)
+        cal_sums = np.zeros(len(cal_flat), np.float64)
     w = np.where(pos, 0.5 / n_pos, 0.5 / n_neg)
     sums = np.zeros(len(y), np.float64)
     stumps: list[Stump] = []
@@ -202,9 +220,14 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
         sums += out
         w = w * np.exp(-y * out)
         w /= w.sum()
-        thr = stage_threshold(sums[pos], settings.min_hit_rate)
+        if cal_t is not None:
+            cval = values_from_flat(features, cal_t, cal_vnf, np.array([fid]), transposed=True)[:, 0]
+            cal_sums += np.where(cval < np.float32(threshold), np.float32(lv), np.float32(rv)).astype(np.float64)
+            thr = stage_threshold(cal_sums, settings.min_hit_rate)
+        else:
+            thr = stage_threshold(sums[pos], settings.min_hit_rate)
         acc = sums >= accept_threshold(thr)
-        hit = float(acc[pos].mean())
+        hit = float(acc[pos].mean()) if cal_t is None else float((cal_sums >= accept_threshold(thr)).mean())
         fa = float(acc[~pos].mean())
         rounds.append((hit, fa))
         if on_round is not None:
@@ -214,4 +237,7 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
         if fa <= settings.max_false_alarm:
             break
     report = StageReport(len(stumps), hit, fa, n_pos, n_neg, len(ids), time.perf_counter() - t0, rounds)
+    if cal_t is not None:
+        report.train_hit_rate = float((sums[pos] >= accept_threshold(thr)).mean())
+        report.n_calibration = len(cal_sums)
     return Stage(stumps, thr), report

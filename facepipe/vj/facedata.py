@@ -45,6 +45,7 @@ class FaceCascadeData:
     val_pos: np.ndarray
     val_neg: NegativeSource
     info: dict
+    train_groups: np.ndarray | None = None  # per training window: the face it was cut from (copies share it)
 
 
 def _square(boxes: np.ndarray) -> np.ndarray:
@@ -100,15 +101,24 @@ def add_packaged_scenes(train: DataSplit, val: DataSplit, val_fraction: float = 
     return added
 
 
-def _positives(split, size: int, rng: np.random.Generator | None, jitter: int) -> np.ndarray:  # noqa: ANN001
-    wins = []
+def _positives(split, size: int, rng: np.random.Generator | None, jitter: int  # noqa: ANN001
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of every face (and its jittered copies) and, per window, the index of its face."""
+    wins, groups = [], []
+    n_faces = 0
     for src in list(split.crops) + list(split.faces):
         grey = to_grey(src.image)
         boxes = _square(src.boxes)
+        ids = np.arange(n_faces, n_faces + len(boxes), dtype=np.int64)
+        n_faces += len(boxes)
         wins.append(cut_windows(grey, boxes, size))
+        groups.append(ids)
         for _ in range(jitter if rng is not None else 0):
             wins.append(cut_windows(grey, boxes, size, rng, shift=0.05, scale=0.06, rotate=6.0))
-    return np.concatenate(wins) if wins else np.zeros((0, size, size), np.uint8)
+            groups.append(ids)
+    if not wins:
+        return np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(wins), np.concatenate(groups)
 
 
 def _negatives(split, size: int, scale_step: float, stride: int) -> NegativeSource:  # noqa: ANN001
@@ -134,13 +144,14 @@ def load_face_cascade_data(data: Path, cache_dir: Path, size: int = 24, seed: in
         info["packaged_scenes"] = add_packaged_scenes(train, val)
         info["train"], info["val"] = train.summary(), val.summary()
     rng = np.random.default_rng(seed)
-    train_pos = _positives(train, size, rng, jitter)
+    train_pos, train_groups = _positives(train, size, rng, jitter)
     if mirror:
         train_pos = np.concatenate([train_pos, train_pos[:, :, ::-1]])
-    val_pos = _positives(val, size, None, 0)
+        train_groups = np.concatenate([train_groups, train_groups])
+    val_pos, _ = _positives(val, size, None, 0)
     info.update({"train_positive_windows": int(len(train_pos)), "val_positive_windows": int(len(val_pos)),
                  "jitter_copies": jitter, "mirrored": mirror,
                  "negative_images": {"train": len(train.scenes) + len(train.faces),
                                      "val": len(val.scenes) + len(val.faces)}})
     return FaceCascadeData(train_pos, _negatives(train, size, scale_step, stride), val_pos,
-                           _negatives(val, size, scale_step, stride), info)
+                           _negatives(val, size, scale_step, stride), info, train_groups)

@@ -8,6 +8,12 @@ Stage ``k`` is trained on
 * up to ``num_neg`` negative windows that the first ``k`` stages accept, mined from
   the negative images at random positions and scales (:class:`NegativeSource`).
 
+With ``calibration_fraction`` > 0 that fraction of the positives' groups (a face
+with its jittered and mirrored copies is one group) is held out of boosting, and
+every stage's threshold is set to keep ``min_hit_rate`` of the held-out positives
+the cascade still accepts (:func:`facepipe.vj.boost.train_stage`): the per-stage
+hit rate then holds for faces the stumps were not fitted to.
+
 The fraction of scanned negative windows the first ``k`` stages accept is the
 cascade's false-alarm estimate; training stops when it falls below
 ``max_false_alarm ** stages`` (the target) or when too few negatives remain.
@@ -62,6 +68,7 @@ class TrainParams:
     features_per_stage: int = 8000
     bins: int = 64
     seed: int = 0
+    calibration_fraction: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work."""
@@ -81,6 +88,8 @@ class TrainParams:
             raise ValueError(f"bins must be in [4, 256], got {self.bins}")
         if self.features_per_stage < 1:
             raise ValueError("features_per_stage must be >= 1")
+        if not 0.0 <= self.calibration_fraction <= 0.5:
+            raise ValueError(f"calibration_fraction must be in [0, 0.5], got {self.calibration_fraction}")
 
     def stage_settings(self) -> StageSettings:
         """The per-stage part of the parameters."""
@@ -95,6 +104,21 @@ class TrainResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
     seconds: float = 0.0
+
+
+def calibration_split(groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the windows held out for stage thresholds: whole groups, ``fraction`` of them.
+
+    Drawn with its own generator (seeded by ``seed``), so the split does not depend on
+    the training's random stream and a resumed run gets the same one.
+    """
+    groups = np.asarray(groups)
+    uniq = np.unique(groups)
+    n_cal = int(round(fraction * len(uniq)))
+    if fraction > 0 and (n_cal < 1 or n_cal >= len(uniq)):
+        raise ValueError(f"calibration_fraction {fraction} of {len(uniq)} positive groups leaves one side empty")
+    chosen = np.random.default_rng([seed, 0x5EED]).choice(uniq, n_cal, replace=False)
+    return np.isin(groups, chosen)
 
 
 def state_path(out: str | Path) -> Path:
@@ -182,7 +206,8 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
                   validation: tuple[np.ndarray | None, NegativeSource | None] | None = None,
                   val_windows: int = 300_000, info: dict[str, Any] | None = None, comment: str = "",
                   on_stage: Callable[[dict[str, Any]], None] | None = None,
-                  on_round: Callable[[int, int, float, float], None] | None = None) -> TrainResult:
+                  on_round: Callable[[int, int, float, float], None] | None = None,
+                  groups: np.ndarray | None = None) -> TrainResult:
     """Train (or continue training) a cascade and write it to ``out`` after every stage.
 
     ``positives`` are ``(N, height, width)`` uint8 windows; ``negatives`` draws the
@@ -191,6 +216,9 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
     ``info`` is stored in the state file (data provenance) and ``comment`` in the XML
     header (e.g. the command line). ``on_stage`` receives
     each stage's figures; ``on_round(stage, weak, hit, fa)`` each boosting round.
+    ``groups`` labels positives that are copies of one object (jittered, mirrored):
+    the calibration split (``params.calibration_fraction``) keeps groups whole;
+    without it every window is its own group.
     """
     params.validate()
     out = Path(out)
@@ -200,7 +228,11 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
                          f"got {positives.dtype} {positives.shape}")
     if (negatives.width, negatives.height) != (params.width, params.height):
         raise ValueError("negative source and parameters disagree on the window size")
+    if groups is not None and len(groups) != len(positives):
+        raise ValueError(f"groups has {len(groups)} labels for {len(positives)} positives")
     inputs = {"positives": fingerprint(positives), "negatives": negatives.fingerprint()}
+    if params.calibration_fraction > 0 and groups is not None:
+        inputs["groups"] = hashlib.sha256(np.ascontiguousarray(groups, np.int64).tobytes()).hexdigest()[:16]
     features = generate_features(params.width, params.height, params.mode)
     cascade = Cascade(params.width, params.height, features, [], asdict(params))
     rng = np.random.default_rng(params.seed)
@@ -230,13 +262,19 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
     if len(pool) == 0:
         raise ValueError("no usable positives: every window is flat (grey-level std <= 10)")
     dropped_flat = int((~valid).sum())
+    cal_pool = pool[:0]
+    if params.calibration_fraction > 0:
+        g = np.arange(len(positives)) if groups is None else np.asarray(groups)
+        held = calibration_split(g, params.calibration_fraction, params.seed)[valid]
+        pool, cal_pool = pool[~held], pool[held]
     settings = params.stage_settings()
     val_pos, val_neg = validation if validation is not None else (None, None)
     stop_reason = ""
 
     def save(finished: bool) -> None:
         doc = {"format": STATE_FORMAT, "params": asdict(params), "inputs": inputs, "info": info or {},
-               "positives": {"given": int(len(positives)), "flat_dropped": dropped_flat},
+               "positives": {"given": int(len(positives)), "flat_dropped": dropped_flat,
+                             "calibration": int(len(cal_pool))},
                "stages": [_stage_to_json(s) for s in cascade.stages], "stage_stats": stats,
                "rng": rng.bit_generator.state, "finished": finished, "stop_reason": stop_reason,
                "seconds": elapsed_before + time.perf_counter() - t_start,
@@ -282,15 +320,27 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
         vnf, _ = window_norm(ii, sq)
         flat = ii.reshape(len(samples), -1).astype(np.float64)
         del ii, sq
+        calibration = None
+        if len(cal_pool):
+            cal = cal_pool[cascade.accepts(cal_pool)] if k else cal_pool
+            if len(cal) < 2:
+                stop_reason = f"stage {k}: fewer than 2 calibration positives left"
+                break
+            cii, csq = integral_images(cal)
+            calibration = (cii.reshape(len(cal), -1).astype(np.float64), window_norm(cii, csq)[0])
+            del cii, csq
         stage, rep_stage = train_stage(flat, vnf, y, features, ids, settings, rng,
-                                       on_round=(lambda j, h, f: on_round(k, j, h, f)) if on_round else None)
-        del flat
+                                       on_round=(lambda j, h, f: on_round(k, j, h, f)) if on_round else None,
+                                       calibration=calibration)
+        del flat, calibration
         cascade.stages.append(stage)
         st = {"stage": k, "n_weak": rep_stage.n_weak, "hit_rate": rep_stage.hit_rate,
               "false_alarm": rep_stage.false_alarm, "n_pos": rep_stage.n_pos, "n_neg": rep_stage.n_neg,
               "neg_acceptance_before": acceptance, "neg_windows_scanned": rep.scanned,
               "neg_pages_visited": rep.pages_visited, "features_considered": int(len(ids)),
               "seconds_mining": round(t_mine, 2), "seconds_boosting": round(rep_stage.seconds, 2)}
+        if rep_stage.train_hit_rate is not None:
+            st.update({"train_hit_rate": rep_stage.train_hit_rate, "n_calibration": rep_stage.n_calibration})
         if val_pos is not None or val_neg is not None:
             st.update(validation_figures(cascade, val_pos, val_neg, val_windows))
         st["seconds"] = round(time.perf_counter() - t0, 2)
