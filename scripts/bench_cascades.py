@@ -8,7 +8,8 @@ timings are comparable) on every development detection set with:
 * ``haar`` with facepipe's cascade (``--cascade``, default the shipped one),
 * ``haar`` with any other facepipe cascades to compare (``--also XML=LABEL``,
   e.g. a new training run next to the shipped cascade),
-* ``cnn``, facepipe's transfer-learned CNN detector,
+* ``cnn-pyramid`` and ``cnn``, facepipe's transfer-learned CNN detectors (the
+  classifier slid over an image pyramid, and the single-pass detector seeded from it),
 
 all at their default settings (scale factor 1.1, min_neighbors 3, min size 24).
 Writes ``results.json`` (eval_detector's report plus the cascade's training
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="detection set (default: every set under $FACEPIPE_DATA/detection)")
     ap.add_argument("--out", type=Path, required=True, help="output directory for results.json + PR plots")
     ap.add_argument("--limit", type=int, default=0, help="only the first N images of each set")
-    ap.add_argument("--no-cnn", action="store_true", help="leave the CNN detector out")
+    ap.add_argument("--no-cnn", action="store_true", help="leave the CNN detectors out")
     args = ap.parse_args(argv)
     if not args.cascade.is_file():
         ap.error(f"{args.cascade}: cascade not found")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--also {item!r}: expected XML=LABEL")
         if not Path(path).is_file():
             ap.error(f"--also {item!r}: {path}: cascade not found")
-        if label in {args.label, "opencv-default", "opencv-alt", "opencv-alt2", "cnn"}:
+        if label in {args.label, "opencv-default", "opencv-alt", "opencv-alt2", "cnn", "cnn-pyramid"}:
             ap.error(f"--also {item!r}: label {label!r} is taken")
         also.append((Path(path), label))
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, label in also:
         ev += ["--detector", "haar", "--opt", f"cascade={path}", "--label", label]
     if not args.no_cnn:
-        ev += ["--detector", "cnn-pyramid", "--opt", "device=cpu", "--label", "cnn"]
+        ev += ["--detector", "cnn-pyramid", "--opt", "device=cpu", "--label", "cnn-pyramid",
+               "--detector", "cnn", "--opt", "device=cpu", "--label", "cnn"]
     for s in args.sets or []:
         ev += ["--set", s]
     ev += ["--out", str(args.out)]
