@@ -153,6 +153,11 @@ def _leaves(left: np.ndarray, y: np.ndarray, w: np.ndarray, boost: str) -> tuple
     return float(np.float32(out[0])), float(np.float32(out[1]))
 
 
+def _stump_output(values: np.ndarray, threshold: float, left: float, right: float) -> np.ndarray:
+    """A stump's leaf value per sample, as OpenCV computes it (``value < threshold`` goes left, float32 leaves)."""
+    return np.where(values < np.float32(threshold), np.float32(left), np.float32(right)).astype(np.float64)
+
+
 def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: HaarFeatures, ids: np.ndarray,
                 settings: StageSettings, rng: np.random.Generator,
                 on_round: Callable[[int, float, float], None] | None = None,
@@ -215,14 +220,14 @@ def train_stage(flat: np.ndarray, vnf: np.ndarray, y: np.ndarray, features: Haar
         val = values_from_flat(features, flat_t, vnf, np.array([fid]), transposed=True)[:, 0]
         left = val < np.float32(threshold)
         lv, rv = _leaves(left, y, w, settings.boost)
-        out = np.where(left, np.float32(lv), np.float32(rv)).astype(np.float64)
+        out = _stump_output(val, threshold, lv, rv)
         stumps.append(Stump(fid, threshold, lv, rv))
         sums += out
         w = w * np.exp(-y * out)
         w /= w.sum()
         if cal_t is not None:
             cval = values_from_flat(features, cal_t, cal_vnf, np.array([fid]), transposed=True)[:, 0]
-            cal_sums += np.where(cval < np.float32(threshold), np.float32(lv), np.float32(rv)).astype(np.float64)
+            cal_sums += _stump_output(cval, threshold, lv, rv)
             thr = stage_threshold(cal_sums, settings.min_hit_rate)
         else:
             thr = stage_threshold(sums[pos], settings.min_hit_rate)

@@ -232,7 +232,7 @@ def train_cascade(positives: np.ndarray, negatives: NegativeSource, params: Trai
         raise ValueError(f"groups has {len(groups)} labels for {len(positives)} positives")
     inputs = {"positives": fingerprint(positives), "negatives": negatives.fingerprint()}
     if params.calibration_fraction > 0 and groups is not None:
-        inputs["groups"] = hashlib.sha256(np.ascontiguousarray(groups, np.int64).tobytes()).hexdigest()[:16]
+        inputs["groups"] = fingerprint(np.asarray(groups, np.int64))
     features = generate_features(params.width, params.height, params.mode)
     cascade = Cascade(params.width, params.height, features, [], asdict(params))
     rng = np.random.default_rng(params.seed)
