@@ -31,6 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _xywh(b: np.ndarray) -> np.ndarray:
@@ -70,6 +71,7 @@ def mirror_merge(b1: np.ndarray, s1: np.ndarray, b2: np.ndarray, s2: np.ndarray,
 
 
 def _report(dets: list, gt: list, threshold: float, mtcnn_p: float | None) -> dict:
+    from bench_detectors import best_recall_at_precision
     from facepipe.evaluate import precision_recall
 
     out = {}
@@ -79,7 +81,7 @@ def _report(dets: list, gt: list, threshold: float, mtcnn_p: float | None) -> di
         k = int(np.searchsorted(-sc, -threshold, side="right")) - 1
 
         def best(p: float) -> float:
-            return round(float(rec[pre >= p].max()), 4) if (pre >= p).any() else 0.0
+            return best_recall_at_precision(r, p)
 
         row = {"ap": round(r.ap, 4), "precision_at_threshold": round(float(pre[k]), 4) if k >= 0 else None,
                "recall_at_threshold": round(float(rec[k]), 4) if k >= 0 else 0.0,
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bench_detectors import mtcnn_default_precision
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
     from facepipe.device import describe_machine
@@ -115,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = data_root() / "detection"
     sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
-    mtcnn_p: dict[str, float] = {}
-    if args.bench.is_file():
-        bench = json.loads(args.bench.read_text())
-        for name, s in bench.get("sets", {}).items():
-            op = s.get("results", {}).get("mtcnn", {}).get("operating_point_iou0.3")
-            if op:
-                mtcnn_p[name] = float(op["precision"])
+    mtcnn_p = mtcnn_default_precision(args.bench)
     det = FPNDetector(device="cpu")
     result = {"command": "python scripts/analyse_detector_flip.py " + " ".join(sys.argv[1:]),
               "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),

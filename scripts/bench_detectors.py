@@ -112,6 +112,24 @@ def operating_point(dets: list[list[Any]], gts: list[list[Any]], iou: float) -> 
                                for k, v in by_size.items()}}
 
 
+def best_recall_at_precision(r: Any, precision: float) -> float:
+    """Highest recall on the PR curve of ``r`` (a ``PRResult``) at precision >= ``precision`` (0 if none)."""
+    rec, pre = np.asarray(r.recall_curve), np.asarray(r.precision_curve)
+    ok = pre >= precision
+    return round(float(rec[ok].max()), 4) if ok.any() else 0.0
+
+
+def mtcnn_default_precision(bench: Path) -> dict[str, float]:
+    """MTCNN's precision at its default operating point (IoU 0.3), per set, from a detection_bench.json."""
+    out: dict[str, float] = {}
+    if bench.is_file():
+        for name, s in json.loads(bench.read_text()).get("sets", {}).items():
+            op = s.get("results", {}).get("mtcnn", {}).get("operating_point_iou0.3")
+            if op:
+                out[name] = float(op["precision"])
+    return out
+
+
 def curve(r: Any, points: int = 300) -> dict[str, Any]:
     """A PR curve downsampled for the JSON file."""
     rec, prec = np.asarray(r.recall_curve), np.asarray(r.precision_curve)

@@ -36,14 +36,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def best_recall(r: object, precision: float) -> float:
-    """Highest recall on the PR curve ``r`` (a ``PRResult``) at precision ≥ ``precision`` (0 if none)."""
-    rec = np.asarray(r.recall_curve)  # type: ignore[attr-defined]
-    pre = np.asarray(r.precision_curve)  # type: ignore[attr-defined]
-    ok = pre >= precision
-    return round(float(rec[ok].max()), 4) if ok.any() else 0.0
-
-
 def parse_checkpoint(spec: str) -> tuple[str, Path]:
     """``name=path`` (or a bare path, named after its parent folder)."""
     name, sep, path = spec.partition("=")
@@ -69,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_detectors import operating_point
+    from bench_detectors import best_recall_at_precision as best_recall
+    from bench_detectors import mtcnn_default_precision, operating_point
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
     from facepipe.device import describe_machine
@@ -84,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--checkpoint {name}: {path} does not exist")
     root = data_root() / "detection"
     sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
-    mtcnn_p: dict[str, float] = {}
-    if args.bench.is_file():
-        for name, s in json.loads(args.bench.read_text()).get("sets", {}).items():
-            op = s.get("results", {}).get("mtcnn", {}).get("operating_point_iou0.3")
-            if op:
-                mtcnn_p[name] = float(op["precision"])
+    mtcnn_p = mtcnn_default_precision(args.bench)
     result: dict = {"command": "python scripts/compare_detector_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv),
                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                     "machine": describe_machine(), "python": platform.python_version(),
