@@ -281,6 +281,46 @@ def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(ast
     assert ck2.meta["init"]["stride8_trunk_and_head"] == ck.meta["init"]["stride8_trunk_and_head"]
 
 
+def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndarray) -> None:
+    from facepipe.train.detector_data import CompositeSampler
+
+    split = _tiny_split(astronaut)
+    plain = CompositeSampler(split, 96, seed=5, augment=False).batch(12)
+    styled = CompositeSampler(split, 96, seed=5, augment=False, style=1.0).batch(12)
+    for a, b in zip(plain, styled):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.landmarks, b.landmarks)
+        np.testing.assert_array_equal(a.ignore, b.ignore)
+        assert b.image.shape == a.image.shape and b.image.dtype == np.uint8
+    assert sum(not np.array_equal(a.image, b.image) for a, b in zip(plain, styled)) == len(plain)
+    with pytest.raises(ValueError):
+        CompositeSampler(split, 96, style=1.5)
+
+
+@pytest.mark.parametrize("kind", ["binary", "halftone", "poster", "cartoon", "sketch"])
+def test_stylise_renders_the_astronaut_as_a_non_photograph(kind: str, astronaut: np.ndarray) -> None:
+    import cv2
+
+    from facepipe.train.detector_data import stylise
+
+    im = cv2.resize(astronaut, (128, 128), interpolation=cv2.INTER_AREA)
+    out = stylise(im, np.random.default_rng(0), kind)
+    assert out.shape == im.shape and out.dtype == np.uint8
+    n_levels = len(np.unique(out))
+    if kind in ("binary", "halftone"):
+        assert set(np.unique(out)) <= {0, 255} and n_levels == 2
+    elif kind == "poster":
+        assert 2 <= n_levels <= 5  # at most five levels per channel
+    elif kind == "sketch":  # a pencil drawing is mostly paper: a bright median, dark strokes
+        assert np.median(out) > 200 and out.min() < 150 and (out[..., 0] == out[..., 1]).all()
+    else:  # cartoon: flat colours and ink lines, far fewer colours than the photo
+        colours = lambda x: len(np.unique(x.reshape(-1, 3), axis=0))  # noqa: E731
+        assert colours(out) < colours(im) / 4 and (out.max(axis=2) == 0).mean() > 0.02
+    assert out.std() > 20  # a picture, not a blank page
+    with pytest.raises(ValueError):
+        stylise(im, np.random.default_rng(0), "oil")
+
+
 def test_train_detector_cli_refuses_bad_mining_scales_before_loading_data(tmp_path: Path) -> None:
     from click.testing import CliRunner
 

@@ -73,6 +73,7 @@ class DetTrainSettings:
     mine_per_image: int = 15
     mine_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # scene scales searched for hard negatives
     hard_fraction: float = 0.1  # share of canvases built around mined hard negatives
+    style: float = 0.0  # share of canvases re-rendered as prints, drawings, cartoons (detector_data.stylise)
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
@@ -452,7 +453,7 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
     base_lrs = [g["lr"] for g in opt.param_groups]
     h = settings.hard_fraction
     sampler = CompositeSampler(train, settings.canvas, seed=settings.seed,
-                               mix=(0.6 - h, 0.32, h, 0.08))
+                               mix=(0.6 - h, 0.32, h, 0.08), style=settings.style)
     history: list[dict[str, float]] = []
     step0 = 0
     train_seconds = 0.0
@@ -466,6 +467,7 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
         history = list(st.get("history", []))
         train_seconds = float(st.get("train_seconds", 0.0))
         sampler.rng = np.random.default_rng(settings.seed * 7919 + step0)
+        sampler.style_rng = np.random.default_rng([settings.seed, 0x57, step0])
         report(f"resumed at step {step0} ({len(train.hard)} hard negatives)")
     use_amp = settings.amp and device.type == "cuda"
     t0 = time.perf_counter()

@@ -27,7 +27,10 @@ A training sample is a square canvas (:class:`CompositeSampler`): either a scene
 background with several faces pasted at many scales (soft-edged cut-outs with
 context, so a pasted patch is not itself a cue; decoy patches of scenery are pasted
 the same way), or a mosaic of LFW photos at random zoom (group-photo-like, with all
-teacher faces labelled), or a crop around a mined hard negative. Then photometric
+teacher faces labelled), or a crop around a mined hard negative. Optionally (``style``)
+the canvas is then re-rendered as something other than a photograph — a 1-bit
+print, a halftone, a poster, a cartoon or a pencil sketch (:func:`stylise`) — since
+faces on the web are also drawn, printed and photocopied. Then photometric
 augmentation aimed at grey, low-contrast group photos: grey conversion, contrast
 compression, gamma, blur, noise and JPEG.
 
@@ -293,13 +296,17 @@ class CompositeSampler:
 
     ``size``: canvas side. ``min_face``/``max_face``: head-box sides of pasted faces
     (log-uniform). ``augment``: photometric augmentation (off for fixed validation canvases).
+    ``style``: share of canvases re-rendered by :func:`stylise` (drawn from a separate
+    generator: the same seed gives the same boxes and landmarks whatever ``style`` is).
     """
 
     KINDS = ("composite", "mosaic", "hard", "scene")
 
     def __init__(self, split: DetSplit, size: int = 256, seed: int = 0, min_face: float = 10.0,
                  max_face: float | None = None, augment: bool = True,
-                 mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08)) -> None:
+                 mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0) -> None:
+        if not 0.0 <= style <= 1.0:
+            raise ValueError(f"style must be a fraction in [0, 1], got {style}")
         self.split = split
         self.size = int(size)
         self.rng = np.random.default_rng(seed)
@@ -307,6 +314,9 @@ class CompositeSampler:
         self.max_face = float(max_face or size * 0.95)
         self.augment = augment
         self.mix = np.asarray(mix, np.float64)
+        self.style = float(style)
+        # its own generator, so the canvases' geometry and labels do not depend on ``style``
+        self.style_rng = np.random.default_rng([seed, 0x57])
 
     # -- backgrounds ---------------------------------------------------------------
     def _scene_background(self, idx: int | None = None) -> np.ndarray:
@@ -575,6 +585,8 @@ class CompositeSampler:
         # a landmark outside the canvas is not a target
         inside = ((lms >= 0) & (lms < S)).all(axis=(1, 2)) if len(lms) else np.zeros(0, bool)
         valid = valid * inside
+        if self.style and self.style_rng.random() < self.style:
+            canvas = stylise(canvas, self.style_rng)
         img = self._photometric(canvas) if self.augment else canvas
         return Canvas(np.ascontiguousarray(img), boxes.astype(np.float32), lms.astype(np.float32),
                       valid.astype(np.float32), np.concatenate(ignore).astype(np.float32))
@@ -612,6 +624,64 @@ class CompositeSampler:
                 if out.ndim == 2:
                     out = np.repeat(out[..., None], 3, axis=2)
         return out
+
+
+#: The renderings :func:`stylise` draws from.
+STYLES = ("binary", "halftone", "poster", "cartoon", "sketch")
+
+
+def stylise(img: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """Re-render an RGB uint8 image as a non-photograph; geometry is unchanged.
+
+    ``binary``: 1-bit print (Otsu or local threshold); ``halftone``: ordered dither at a
+    random dot size; ``poster``: 2–5 grey or colour levels; ``cartoon``: smoothed flat
+    colours with dark ink lines; ``sketch``: pencil drawing (colour dodge of the grey
+    image by its blurred negative). ``kind`` picks one (random otherwise).
+    """
+    import cv2
+
+    if kind is None:
+        kind = STYLES[int(rng.integers(len(STYLES)))]
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    if kind == "binary":
+        g = cv2.GaussianBlur(grey, (0, 0), rng.uniform(0.3, 1.2))
+        if rng.random() < 0.5:
+            _, out = cv2.threshold(g, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        else:
+            block = int(rng.choice([15, 25, 41, 61]))
+            out = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block,
+                                        float(rng.uniform(-4, 8)))
+    elif kind == "halftone":
+        bayer = np.array([[0, 8, 2, 10], [12, 4, 14, 6], [3, 11, 1, 9], [15, 7, 13, 5]], np.float32)
+        cell = int(rng.integers(1, 3))  # dot pitch 4 or 8 px
+        tile = (np.kron(bayer, np.ones((cell, cell), np.float32)) + 0.5) / 16.0 * 255.0
+        h, w = grey.shape
+        reps = (h // tile.shape[0] + 1, w // tile.shape[1] + 1)
+        out = np.where(grey.astype(np.float32) > np.tile(tile, reps)[:h, :w], 255, 0).astype(np.uint8)
+    elif kind == "poster":
+        levels = int(rng.integers(2, 6))
+        src = (grey[..., None] if rng.random() < 0.6 else img).astype(np.float32)
+        q = np.floor(src / 256.0 * levels) * (255.0 / max(levels - 1, 1))
+        out = np.clip(q, 0, 255).astype(np.uint8)
+        if out.shape[-1] == 1:
+            out = out[..., 0]
+    elif kind == "cartoon":
+        smooth = img
+        for _ in range(int(rng.integers(1, 3))):
+            smooth = cv2.bilateralFilter(smooth, 7, float(rng.uniform(40, 90)), 7)
+        levels = int(rng.integers(3, 7))
+        flat = (np.floor(smooth.astype(np.float32) / 256.0 * levels) + 0.5) * (256.0 / levels)
+        edges = cv2.adaptiveThreshold(cv2.medianBlur(grey, 5), 255, cv2.ADAPTIVE_THRESH_MEAN_C,
+                                      cv2.THRESH_BINARY, 9, float(rng.uniform(2, 6)))
+        out = np.clip(flat * (edges[..., None] / 255.0), 0, 255).astype(np.uint8)
+    elif kind == "sketch":
+        inv = cv2.GaussianBlur(255 - grey, (0, 0), rng.uniform(3.0, 9.0))
+        out = cv2.divide(grey, np.maximum(255 - inv, 1).astype(np.uint8), scale=256)
+    else:
+        raise ValueError(f"unknown style {kind!r}; choose from {', '.join(STYLES)}")
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out)
 
 
 def _visible_fraction(box: np.ndarray, region: np.ndarray) -> float:
