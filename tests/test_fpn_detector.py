@@ -286,15 +286,33 @@ def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndar
 
     split = _tiny_split(astronaut)
     plain = CompositeSampler(split, 96, seed=5, augment=False).batch(12)
-    styled = CompositeSampler(split, 96, seed=5, augment=False, style=1.0).batch(12)
+    styled = CompositeSampler(split, 96, seed=5, augment=False, style=1.0, text=0.5).batch(12)
     for a, b in zip(plain, styled):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.landmarks, b.landmarks)
         np.testing.assert_array_equal(a.ignore, b.ignore)
         assert b.image.shape == a.image.shape and b.image.dtype == np.uint8
     assert sum(not np.array_equal(a.image, b.image) for a, b in zip(plain, styled)) == len(plain)
-    with pytest.raises(ValueError):
-        CompositeSampler(split, 96, style=1.5)
+    for bad in ({"style": 1.5}, {"text": -0.1}):
+        with pytest.raises(ValueError):
+            CompositeSampler(split, 96, **bad)
+
+
+def test_text_decoys_are_drawn_and_stay_clear_of_the_faces(astronaut: np.ndarray) -> None:
+    from facepipe.train.detector_data import draw_text_decoys
+
+    face = np.array([[170.0, 60.0, 110.0, 120.0]])  # the astronaut's head, xywh
+    rng = np.random.default_rng(3)
+    drawn = 0
+    for _ in range(20):
+        out = draw_text_decoys(astronaut, rng, face, 3)
+        assert out.shape == astronaut.shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(out[60:180, 170:280], astronaut[60:180, 170:280])
+        drawn += int((out != astronaut).any())
+    assert drawn >= 15  # most calls find room for at least one line
+    # a box covering the whole image leaves no room: nothing is drawn
+    whole = np.array([[0.0, 0.0, astronaut.shape[1], astronaut.shape[0]]])
+    np.testing.assert_array_equal(draw_text_decoys(astronaut, rng, whole, 5), astronaut)
 
 
 @pytest.mark.parametrize("kind", ["binary", "halftone", "poster", "cartoon", "sketch"])

@@ -74,6 +74,7 @@ class DetTrainSettings:
     mine_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # scene scales searched for hard negatives
     hard_fraction: float = 0.1  # share of canvases built around mined hard negatives
     style: float = 0.0  # share of canvases re-rendered as prints, drawings, cartoons (detector_data.stylise)
+    text: float = 0.0  # share of canvases given lines of text away from the faces (negatives)
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
@@ -453,7 +454,8 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
     base_lrs = [g["lr"] for g in opt.param_groups]
     h = settings.hard_fraction
     sampler = CompositeSampler(train, settings.canvas, seed=settings.seed,
-                               mix=(0.6 - h, 0.32, h, 0.08), style=settings.style)
+                               mix=(0.6 - h, 0.32, h, 0.08), style=settings.style,
+                               text=settings.text)
     history: list[dict[str, float]] = []
     step0 = 0
     train_seconds = 0.0

@@ -30,7 +30,9 @@ the same way), or a mosaic of LFW photos at random zoom (group-photo-like, with 
 teacher faces labelled), or a crop around a mined hard negative. Optionally (``style``)
 the canvas is then re-rendered as something other than a photograph — a 1-bit
 print, a halftone, a poster, a cartoon or a pencil sketch (:func:`stylise`) — since
-faces on the web are also drawn, printed and photocopied. Then photometric
+faces on the web are also drawn, printed and photocopied — and, since those pages
+carry lettering, some canvases (``text``) get lines of printed text away from the
+faces as negatives (:func:`draw_text_decoys`). Then photometric
 augmentation aimed at grey, low-contrast group photos: grey conversion, contrast
 compression, gamma, blur, noise and JPEG.
 
@@ -296,17 +298,20 @@ class CompositeSampler:
 
     ``size``: canvas side. ``min_face``/``max_face``: head-box sides of pasted faces
     (log-uniform). ``augment``: photometric augmentation (off for fixed validation canvases).
-    ``style``: share of canvases re-rendered by :func:`stylise` (drawn from a separate
-    generator: the same seed gives the same boxes and landmarks whatever ``style`` is).
+    ``style``: share of canvases re-rendered by :func:`stylise`; ``text``: share given lines
+    of text away from the faces (:func:`draw_text_decoys`). Both draw from a separate
+    generator: the same seed gives the same boxes and landmarks whatever they are.
     """
 
     KINDS = ("composite", "mosaic", "hard", "scene")
 
     def __init__(self, split: DetSplit, size: int = 256, seed: int = 0, min_face: float = 10.0,
                  max_face: float | None = None, augment: bool = True,
-                 mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0) -> None:
-        if not 0.0 <= style <= 1.0:
-            raise ValueError(f"style must be a fraction in [0, 1], got {style}")
+                 mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0,
+                 text: float = 0.0) -> None:
+        for name, v in (("style", style), ("text", text)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {v}")
         self.split = split
         self.size = int(size)
         self.rng = np.random.default_rng(seed)
@@ -315,7 +320,8 @@ class CompositeSampler:
         self.augment = augment
         self.mix = np.asarray(mix, np.float64)
         self.style = float(style)
-        # its own generator, so the canvases' geometry and labels do not depend on ``style``
+        self.text = float(text)
+        # its own generator, so the canvases' faces and labels do not depend on ``style``/``text``
         self.style_rng = np.random.default_rng([seed, 0x57])
 
     # -- backgrounds ---------------------------------------------------------------
@@ -585,6 +591,9 @@ class CompositeSampler:
         # a landmark outside the canvas is not a target
         inside = ((lms >= 0) & (lms < S)).all(axis=(1, 2)) if len(lms) else np.zeros(0, bool)
         valid = valid * inside
+        if self.text and self.style_rng.random() < self.text:
+            canvas = draw_text_decoys(canvas, self.style_rng, np.concatenate([boxes] + ignore),
+                                      int(self.style_rng.integers(1, 5)))
         if self.style and self.style_rng.random() < self.style:
             canvas = stylise(canvas, self.style_rng)
         img = self._photometric(canvas) if self.augment else canvas
@@ -624,6 +633,57 @@ class CompositeSampler:
                 if out.ndim == 2:
                     out = np.repeat(out[..., None], 3, axis=2)
         return out
+
+
+_FONTS = (0, 1, 2, 3, 4, 6, 7)  # cv2.FONT_HERSHEY_* (5, script simplex, left out; italics by flag)
+_GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789&@$%!?.-"
+
+
+def draw_text_decoys(img: np.ndarray, rng: np.random.Generator, avoid_xywh: np.ndarray, lines: int) -> np.ndarray:
+    """Draw up to ``lines`` lines of random printed text that stay clear of ``avoid_xywh`` boxes.
+
+    Letters and digits (round O, Q, 8, @ ...) are what a face detector fires on in posters,
+    captions and magazine covers; here they are unlabelled, i.e. negatives. Glyph heights
+    8 px to a third of the image, light to bold strokes, dark, light or coloured, sometimes
+    on a plain band (a caption or sign). A line overlapping a box (even a little) is not drawn.
+    """
+    import cv2
+
+    out = img.copy()
+    h_img, w_img = out.shape[:2]
+    avoid = np.asarray(avoid_xywh, np.float64).reshape(-1, 4)
+    for _ in range(lines):
+        italic = rng.random() < 0.2
+        font = int(rng.choice(_FONTS)) | (cv2.FONT_ITALIC if italic else 0)
+        word = "".join(rng.choice(list(_GLYPHS), int(rng.integers(2, 10))))
+        if rng.random() < 0.5:
+            word = word.upper()
+        (w1, h1), _ = cv2.getTextSize(word, font, 1.0, 1)
+        height = math.exp(rng.uniform(math.log(8.0), math.log(max(min(h_img, w_img) / 3.0, 9.0))))
+        scale = height / max(h1, 1)
+        thick = max(1, int(round(scale * rng.uniform(0.8, 4.0))))
+        (tw, th), base = cv2.getTextSize(word, font, scale, thick)
+        x_lo, x_hi = sorted((-0.2 * tw, w_img - 0.8 * tw))  # a long word may run off both sides
+        x = int(rng.uniform(x_lo, x_hi))
+        y = int(rng.uniform(th, h_img + 0.2 * th))
+        pad = thick + 2 + (int(0.3 * th) if italic else 0)  # slanted glyphs lean past the box
+        box = np.array([x - pad, y - th - pad, tw + 2 * pad, th + base + 2 * pad], np.float64)
+        if len(avoid):
+            ix = np.clip(np.minimum(box[0] + box[2], avoid[:, 0] + avoid[:, 2]) - np.maximum(box[0], avoid[:, 0]), 0, None)
+            iy = np.clip(np.minimum(box[1] + box[3], avoid[:, 1] + avoid[:, 3]) - np.maximum(box[1], avoid[:, 1]), 0, None)
+            if (ix * iy > 0).any():
+                continue
+        if rng.random() < 0.35:  # a plain band behind it: caption, sign, banner
+            band = tuple(int(v) for v in rng.integers(0, 256, 3))
+            cv2.rectangle(out, (int(box[0]), int(box[1])), (int(box[0] + box[2]), int(box[1] + box[3])), band, -1)
+            bright = sum(band) / 3 > 127
+            ink = tuple(int(v) for v in (rng.integers(0, 70, 3) if bright else rng.integers(186, 256, 3)))
+        else:
+            r = rng.random()
+            ink = tuple(int(v) for v in (rng.integers(0, 60, 3) if r < 0.4 else rng.integers(200, 256, 3) if r < 0.7
+                                         else rng.integers(0, 256, 3)))
+        cv2.putText(out, word, (x, y), font, scale, ink, thick, cv2.LINE_AA)
+    return out
 
 
 #: The renderings :func:`stylise` draws from.
