@@ -11,8 +11,8 @@
    inter-ocular distance, for every face each detector finds (IoU ≥ 0.3 with the
    annotated head box).
 3. **Verification** (the embedding benchmark's protocol, its functions): the same
-   photos aligned with each detector's landmarks by :func:`facepipe.align.align_face`,
-   embedded by the default embedder, 10-fold people-disjoint pairs
+   photos aligned with each detector's landmarks onto the embedder's own template
+   (``Embedder.align_landmarks``: what ``enroll``/``identify`` do), embedded by it, 10-fold people-disjoint pairs
    (:func:`~facepipe.train.embedder_data.make_pairs`) over the photos every detector
    found, accuracy with the threshold chosen on the other folds.
 
@@ -90,7 +90,6 @@ def caltech_nme(det: Any, root: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from facepipe.align import align_face
     from facepipe.datasets import data_root
     from facepipe.detect import available_detectors, create_detector
     from facepipe.device import describe_machine
@@ -124,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_photos:
         idx = idx[: args.max_photos]
     log.info("%d held-out photos of %d people", len(idx), len(set(labels[idx])))
+    embedder = load_embedder(args.embedder, device="cpu")
     crops: dict[str, list[np.ndarray | None]] = {"mtcnn": [], **{k: [] for k in dets}}
     errors: dict[str, list[float]] = {k: [] for k in dets}
     t0 = time.time()
     for n, i in enumerate(idx):
         img = load_image(sources[i])
-        crops["mtcnn"].append(align_face(img, mt_lms[i], 112))
+        crops["mtcnn"].append(embedder.align_landmarks(img, mt_lms[i]))
         for lab, det in dets.items():
             face = central_face(det.detect(img), img.shape)
             if face is None or face.box.iou(_box_of(mt_lms[i])) < 0.05:
@@ -137,14 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             lm = face.landmarks_array().astype(np.float64)
             errors[lab].append(nme(lm, mt_lms[i]))
-            crops[lab].append(align_face(img, lm, 112))
+            crops[lab].append(embedder.align_landmarks(img, lm))
         if (n + 1) % 200 == 0:
             log.info("%d/%d photos, %.0fs", n + 1, len(idx), time.time() - t0)
     found = np.array([all(crops[k][j] is not None for k in crops) for j in range(len(idx))])
     log.info("every detector found the face in %d/%d photos", found.sum(), len(idx))
     sub = idx[found]
     pairs = make_pairs(labels[sub], set(labels[sub]), seed=0)
-    embedder = load_embedder(args.embedder, device="cpu")
     verification: dict[str, Any] = {}
     for lab, cs in crops.items():
         x = np.stack([c for c, ok in zip(cs, found) if ok])

@@ -9,6 +9,10 @@ precision of MTCNN's default operating point on that set (``--bench``) and at 0.
 checkpoint's own development figures (``describe()['calibration']``) are printed beside
 them, so a gain on development images that does not carry over to the benchmark sets shows.
 
+``--montage DIR`` also writes, per set and checkpoint, a sheet of its false boxes and one
+of its missed faces at its own threshold (IoU 0.3, the benchmark's greedy matching),
+each crop with its score and image name, for review by eye.
+
 A replacement is worth shipping when it is at least as good on every set (AP@0.3, and
 recall at MTCNN's precision); this script reports, it does not choose, and nothing is
 tuned on the benchmark sets.
@@ -45,6 +49,30 @@ def parse_checkpoint(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def write_sheet(crops: list[tuple[np.ndarray, tuple[float, float, float, float], str]], path: Path,
+                per_row: int = 10, tile: int = 128) -> int:
+    """Tile ``(image, xywh box, label)`` crops (the box with one box-side of context) into one PNG."""
+    import cv2
+
+    tiles = []
+    for img, (x, y, w, h), label in crops:
+        c = max(w, h)
+        x0, y0 = int(max(0, x - c)), int(max(0, y - c))
+        x1, y1 = int(min(img.shape[1], x + w + c)), int(min(img.shape[0], y + h + c))
+        t = cv2.cvtColor(np.ascontiguousarray(img[y0:y1, x0:x1]), cv2.COLOR_RGB2BGR)
+        cv2.rectangle(t, (int(x - x0), int(y - y0)), (int(x - x0 + w), int(y - y0 + h)), (0, 0, 255), 1)
+        t = cv2.resize(t, (tile, tile), interpolation=cv2.INTER_AREA)
+        cv2.putText(t, label, (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 255), 1, cv2.LINE_AA)
+        tiles.append(t)
+    if not tiles:
+        return 0
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % per_row)
+    rows = [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.vstack(rows))
+    return len(crops)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every checkpoint over every set and print/write the comparison."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="detection benchmark JSON to read MTCNN's default precision from")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--montage", type=Path, default=None, metavar="DIR",
+                    help="write <set>_<name>_false.png / _missed.png sheets for review by eye")
     args = ap.parse_args(argv)
 
     import torch
 
     from bench_detectors import best_recall_at_precision as best_recall
-    from bench_detectors import mtcnn_default_precision, operating_point
+    from bench_detectors import match, mtcnn_default_precision, operating_point
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
     from facepipe.device import describe_machine
@@ -113,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                 if set_name in mtcnn_p:
                     row[f"iou{iou:g}"]["best_recall_at_mtcnn_precision"] = best_recall(r, mtcnn_p[set_name])
             entry["results"][name] = row
+            if args.montage:
+                false, missed = [], []
+                for im, g, ds, path in zip(images, gtb, kept, (x.path for x in gt)):
+                    true, found = match(ds, g, 0.3)
+                    false += [(im, (d.box.x, d.box.y, d.box.w, d.box.h), f"{d.score:.2f} {path.stem}")
+                              for d, t in zip(ds, true) if not t]
+                    missed += [(im, (b.x, b.y, b.w, b.h), f"{path.stem} {int(round(b.w))}px")
+                               for b, f in zip(g, found) if not f]
+                write_sheet(false, args.montage / f"{set_name}_{name}_false.png")
+                write_sheet(missed, args.montage / f"{set_name}_{name}_missed.png")
             r3 = row["iou0.3"]
             op = r3["operating_point"]
             rb = op["recall_by_size"]

@@ -50,12 +50,12 @@ def _scales(text: str) -> tuple[float, ...]:
               help="Comma-separated scales at which the face-free scenes are searched for hard negatives.")
 @click.option("--hard-fraction", type=FiniteFloat(0, 0.5), default=0.1, show_default=True,
               help="Share of training canvases built around mined hard negatives.")
-@click.option("--style", type=FiniteFloat(0, 1), default=0.0, show_default=True,
+@click.option("--style", type=FiniteFloat(0, 1), default=0.15, show_default=True,
               help="Share of training canvases re-rendered as a 1-bit print, halftone, poster, cartoon "
-                   "or pencil sketch (faces that are drawn or printed, not photographed).")
-@click.option("--text-decoys", type=FiniteFloat(0, 1), default=0.0, show_default=True,
+                   "or pencil sketch (faces that are drawn or printed, not photographed); 0 turns it off.")
+@click.option("--text-decoys", type=FiniteFloat(0, 1), default=0.25, show_default=True,
               help="Share of training canvases given lines of printed text away from the faces, as "
-                   "negatives (letters such as O, Q and 8 look like faces to a detector).")
+                   "negatives (letters such as O, Q and 8 look like faces to a detector); 0 turns it off.")
 @click.option("--target-precision", type=FiniteFloat(0, 1), default=0.97, show_default=True,
               help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
 @click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,

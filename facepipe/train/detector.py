@@ -73,8 +73,8 @@ class DetTrainSettings:
     mine_per_image: int = 15
     mine_scales: tuple[float, ...] = (0.5, 1.0, 2.0)  # scene scales searched for hard negatives
     hard_fraction: float = 0.1  # share of canvases built around mined hard negatives
-    style: float = 0.0  # share of canvases re-rendered as prints, drawings, cartoons (detector_data.stylise)
-    text: float = 0.0  # share of canvases given lines of text away from the faces (negatives)
+    style: float = 0.15  # share of canvases re-rendered as prints, drawings, cartoons (detector_data.stylise)
+    text: float = 0.25  # share of canvases given lines of text away from the faces (negatives)
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
