@@ -668,11 +668,8 @@ def draw_text_decoys(img: np.ndarray, rng: np.random.Generator, avoid_xywh: np.n
         y = int(rng.uniform(th, h_img + 0.2 * th))
         pad = thick + 2 + (int(0.3 * th) if italic else 0)  # slanted glyphs lean past the box
         box = np.array([x - pad, y - th - pad, tw + 2 * pad, th + base + 2 * pad], np.float64)
-        if len(avoid):
-            ix = np.clip(np.minimum(box[0] + box[2], avoid[:, 0] + avoid[:, 2]) - np.maximum(box[0], avoid[:, 0]), 0, None)
-            iy = np.clip(np.minimum(box[1] + box[3], avoid[:, 1] + avoid[:, 3]) - np.maximum(box[1], avoid[:, 1]), 0, None)
-            if (ix * iy > 0).any():
-                continue
+        if len(avoid) and _iou_xywh(box[None], avoid).max() > 0:  # touches a face or ignore region
+            continue
         if rng.random() < 0.35:  # a plain band behind it: caption, sign, banner
             band = tuple(int(v) for v in rng.integers(0, 256, 3))
             cv2.rectangle(out, (int(box[0]), int(box[1])), (int(box[0] + box[2]), int(box[1] + box[3])), band, -1)
