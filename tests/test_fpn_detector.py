@@ -339,7 +339,7 @@ def test_stylise_renders_the_astronaut_as_a_non_photograph(kind: str, astronaut:
         stylise(im, np.random.default_rng(0), "oil")
 
 
-def test_train_detector_cli_refuses_bad_mining_scales_before_loading_data(tmp_path: Path) -> None:
+def test_train_detector_cli_refuses_bad_options_before_loading_data(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from facepipe.cli import cli
@@ -348,6 +348,10 @@ def test_train_detector_cli_refuses_bad_mining_scales_before_loading_data(tmp_pa
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), "--mine-scales", bad])
         assert r.exit_code == 2 and "--mine-scales" in r.output, (bad, r.output)
+    for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1")):
+        r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
+                                     str(tmp_path / "o"), opt, bad])
+        assert r.exit_code == 2 and opt in r.output, (opt, bad, r.output)
 
 
 # --------------------------------------------------------------------------- the shipped detector
