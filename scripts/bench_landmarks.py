@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from facepipe.detect import available_detectors, create_detector
     from facepipe.device import describe_machine
     from facepipe.embed import load_embedder
+    from facepipe.embed.base import Embedder
     from facepipe.io import load_image
     from facepipe.train.embedder_data import make_pairs, people_split, verification_metrics
 
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         idx = idx[: args.max_photos]
     log.info("%d held-out photos of %d people", len(idx), len(set(labels[idx])))
     embedder = load_embedder(args.embedder, device="cpu")
+    if type(embedder).align is not Embedder.align:  # dlib's peer aligns from its own 68 points, not five
+        ap.error(f"--embedder {args.embedder}: it aligns faces its own way; landmark-based alignment "
+                 "cannot be compared with it")
     crops: dict[str, list[np.ndarray | None]] = {"mtcnn": [], **{k: [] for k in dets}}
     errors: dict[str, list[float]] = {k: [] for k in dets}
     t0 = time.time()

@@ -658,7 +658,7 @@ def draw_text_decoys(img: np.ndarray, rng: np.random.Generator, avoid_xywh: np.n
         word = "".join(rng.choice(list(_GLYPHS), int(rng.integers(2, 10))))
         if rng.random() < 0.5:
             word = word.upper()
-        (w1, h1), _ = cv2.getTextSize(word, font, 1.0, 1)
+        (_, h1), _ = cv2.getTextSize(word, font, 1.0, 1)
         height = math.exp(rng.uniform(math.log(8.0), math.log(max(min(h_img, w_img) / 3.0, 9.0))))
         scale = height / max(h1, 1)
         thick = max(1, int(round(scale * rng.uniform(0.8, 4.0))))
