@@ -231,8 +231,11 @@ def test_train_detector_writes_a_loadable_checkpoint_and_learns(tiny_data_root: 
     ckpt = out / "detector.pt"
     assert ckpt.is_file()
     # logged every 20 steps (mean over those steps); measured 2.22 -> 1.88 -> 1.59
-    history = json.loads((out / "metrics.json").read_text())["meta"]["history"]
+    meta = json.loads((out / "metrics.json").read_text())["meta"]
+    history = meta["history"]
     assert [h["step"] for h in history] == [20, 40, 60]
+    # the shipped recipe by default: the face-free images packaged with scikit-image & co. are scenes too
+    assert meta["data"]["packaged_scenes"], meta["data"]
     assert history[-1]["loss"] < 0.85 * history[0]["loss"], history
     from facepipe.detect.fpn import FPNDetector   # the single-pass detector this command trains
 

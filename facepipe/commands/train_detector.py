@@ -68,9 +68,10 @@ def _scales(text: str) -> tuple[float, ...]:
               help="Face/non-face classifier that seeds the stride-8 trunk and head.")
 @click.option("--init", "init", default=None, metavar="CHECKPOINT",
               help="Continue from a detector checkpoint (a second phase) instead of the classifier seeds.")
-@click.option("--packaged-scenes", is_flag=True,
+@click.option("--packaged-scenes/--no-packaged-scenes", default=True, show_default=True,
               help="Also use the face-free sample images shipped inside scikit-image, scikit-learn and "
-                   "matplotlib (coins, cells, textures, ...) as scenes and hard-negative sources.")
+                   "matplotlib (coins, cells, textures, ...) as scenes and hard-negative sources "
+                   "(the shipped detector's recipe).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
