@@ -286,14 +286,14 @@ def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndar
 
     split = _tiny_split(astronaut)
     plain = CompositeSampler(split, 96, seed=5, augment=False).batch(12)
-    styled = CompositeSampler(split, 96, seed=5, augment=False, style=1.0, text=0.5).batch(12)
+    styled = CompositeSampler(split, 96, seed=5, augment=False, style=1.0, text=0.5, blobs=0.5).batch(12)
     for a, b in zip(plain, styled):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.landmarks, b.landmarks)
         np.testing.assert_array_equal(a.ignore, b.ignore)
         assert b.image.shape == a.image.shape and b.image.dtype == np.uint8
     assert sum(not np.array_equal(a.image, b.image) for a, b in zip(plain, styled)) == len(plain)
-    for bad in ({"style": 1.5}, {"text": -0.1}):
+    for bad in ({"style": 1.5}, {"text": -0.1}, {"blobs": 2.0}):
         with pytest.raises(ValueError):
             CompositeSampler(split, 96, **bad)
 
@@ -313,6 +313,38 @@ def test_text_decoys_are_drawn_and_stay_clear_of_the_faces(astronaut: np.ndarray
     # a box covering the whole image leaves no room: nothing is drawn
     whole = np.array([[0.0, 0.0, astronaut.shape[1], astronaut.shape[0]]])
     np.testing.assert_array_equal(draw_text_decoys(astronaut, rng, whole, 5), astronaut)
+
+
+def test_blob_decoys_are_small_round_and_stay_clear_of_the_faces(astronaut: np.ndarray) -> None:
+    from facepipe.train.detector_data import draw_blob_decoys
+
+    face = np.array([[170.0, 60.0, 110.0, 120.0]])  # the astronaut's head, xywh
+    rng = np.random.default_rng(4)
+    drawn = 0
+    for _ in range(10):
+        out = draw_blob_decoys(astronaut, rng, face, 6)
+        assert out.shape == astronaut.shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(out[60:180, 170:280], astronaut[60:180, 170:280])
+        drawn += int((out != astronaut).any())
+    assert drawn >= 9
+    # one object at a time on a plain grey field: small and round (its bounding box)
+    blank = np.full((200, 200, 3), 128, np.uint8)
+    sizes = []
+    for _ in range(40):
+        one = draw_blob_decoys(blank, rng, np.zeros((0, 4)), 1)
+        changed = np.abs(one.astype(int) - 128).max(axis=2) > 8
+        if not changed.any():
+            continue
+        ys, xs = np.nonzero(changed)
+        if min(ys.min(), xs.min()) == 0 or max(ys.max(), xs.max()) == 199:
+            continue  # cut by the border
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert max(h, w) <= 54 and 0.6 <= h / w <= 1.6, (h, w)  # 5-48 px across, plus blur
+        sizes.append(max(h, w))
+    assert len(sizes) >= 20 and min(sizes) < 15 and max(sizes) > 25  # many sizes, tiny ones included
+    # a box covering the whole image leaves no room: nothing is drawn
+    whole = np.array([[0.0, 0.0, astronaut.shape[1], astronaut.shape[0]]])
+    np.testing.assert_array_equal(draw_blob_decoys(astronaut, rng, whole, 8), astronaut)
 
 
 @pytest.mark.parametrize("kind", ["binary", "halftone", "poster", "cartoon", "sketch"])
@@ -348,7 +380,7 @@ def test_train_detector_cli_refuses_bad_options_before_loading_data(tmp_path: Pa
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), "--mine-scales", bad])
         assert r.exit_code == 2 and "--mine-scales" in r.output, (bad, r.output)
-    for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1")):
+    for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1"), ("--blob-decoys", "3")):
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), opt, bad])
         assert r.exit_code == 2 and opt in r.output, (opt, bad, r.output)

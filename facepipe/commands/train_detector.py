@@ -56,6 +56,10 @@ def _scales(text: str) -> tuple[float, ...]:
 @click.option("--text-decoys", type=FiniteFloat(0, 1), default=0.25, show_default=True,
               help="Share of training canvases given lines of printed text away from the faces, as "
                    "negatives (letters such as O, Q and 8 look like faces to a detector); 0 turns it off.")
+@click.option("--blob-decoys", type=FiniteFloat(0, 1), default=0.3, show_default=True,
+              help="Share of training canvases given 1-10 small round objects (buttons, coins, rings, "
+                   "highlights) away from the faces, as negatives (a face under 20 px is a round blob "
+                   "too); 0 turns it off.")
 @click.option("--target-precision", type=FiniteFloat(0, 1), default=0.97, show_default=True,
               help="Precision (IoU 0.3) on development images that sets the shipped threshold.")
 @click.option("--lfw-per-person", type=click.IntRange(min=1), default=4, show_default=True,
@@ -80,7 +84,7 @@ def _scales(text: str) -> tuple[float, ...]:
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
              canvas: int, lr: float, lr_backbone: float, mine_at: tuple[int, ...], hard_negatives: int,
              mine_threshold: float, mine_per_image: int, mine_scales: tuple[float, ...], hard_fraction: float,
-             style: float, text_decoys: float, target_precision: float,
+             style: float, text_decoys: float, blob_decoys: float, target_precision: float,
              lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
              packaged_scenes: bool, device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
@@ -121,7 +125,7 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
                                     mine_at=tuple(mine_at) or DetTrainSettings.mine_at,
                                     hard_per_round=hard_negatives, mine_threshold=mine_threshold,
                                     mine_per_image=mine_per_image, hard_fraction=hard_fraction,
-                                    mine_scales=mine_scales, style=style, text=text_decoys,
+                                    mine_scales=mine_scales, style=style, text=text_decoys, blobs=blob_decoys,
                                     target_precision=target_precision,
                                     train_from=train_from, classifier=classifier, init=init, device=device)
         path = train_detector(train, val, out, settings, info, report=lambda m: report(f"facepipe: {m}", quiet))

@@ -299,8 +299,9 @@ class CompositeSampler:
     ``size``: canvas side. ``min_face``/``max_face``: head-box sides of pasted faces
     (log-uniform). ``augment``: photometric augmentation (off for fixed validation canvases).
     ``style``: share of canvases re-rendered by :func:`stylise`; ``text``: share given lines
-    of text away from the faces (:func:`draw_text_decoys`). Both draw from a separate
-    generator: the same seed gives the same boxes and landmarks whatever they are.
+    of text away from the faces (:func:`draw_text_decoys`); ``blobs``: share given small
+    round objects away from the faces (:func:`draw_blob_decoys`). All three draw from a
+    separate generator: the same seed gives the same boxes and landmarks whatever they are.
     """
 
     KINDS = ("composite", "mosaic", "hard", "scene")
@@ -308,8 +309,8 @@ class CompositeSampler:
     def __init__(self, split: DetSplit, size: int = 256, seed: int = 0, min_face: float = 10.0,
                  max_face: float | None = None, augment: bool = True,
                  mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0,
-                 text: float = 0.0) -> None:
-        for name, v in (("style", style), ("text", text)):
+                 text: float = 0.0, blobs: float = 0.0) -> None:
+        for name, v in (("style", style), ("text", text), ("blobs", blobs)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {v}")
         self.split = split
@@ -321,6 +322,7 @@ class CompositeSampler:
         self.mix = np.asarray(mix, np.float64)
         self.style = float(style)
         self.text = float(text)
+        self.blobs = float(blobs)
         # its own generator, so the canvases' faces and labels do not depend on ``style``/``text``
         self.style_rng = np.random.default_rng([seed, 0x57])
 
@@ -594,6 +596,9 @@ class CompositeSampler:
         if self.text and self.style_rng.random() < self.text:
             canvas = draw_text_decoys(canvas, self.style_rng, np.concatenate([boxes] + ignore),
                                       int(self.style_rng.integers(1, 5)))
+        if self.blobs and self.style_rng.random() < self.blobs:
+            canvas = draw_blob_decoys(canvas, self.style_rng, np.concatenate([boxes] + ignore),
+                                      int(self.style_rng.integers(1, 11)))
         if self.style and self.style_rng.random() < self.style:
             canvas = stylise(canvas, self.style_rng)
         img = self._photometric(canvas) if self.augment else canvas
@@ -680,6 +685,83 @@ def draw_text_decoys(img: np.ndarray, rng: np.random.Generator, avoid_xywh: np.n
             ink = tuple(int(v) for v in (rng.integers(0, 60, 3) if r < 0.4 else rng.integers(200, 256, 3) if r < 0.7
                                          else rng.integers(0, 256, 3)))
         cv2.putText(out, word, (x, y), font, scale, ink, thick, cv2.LINE_AA)
+    return out
+
+
+#: The small round objects :func:`draw_blob_decoys` draws from.
+BLOBS = ("button", "coin", "ring", "spot")
+
+
+def draw_blob_decoys(img: np.ndarray, rng: np.random.Generator, avoid_xywh: np.ndarray, count: int) -> np.ndarray:
+    """Draw up to ``count`` small round objects (buttons, coins, rings, bright or dark spots).
+
+    Below ~20 px a face is a round blob with a few darker dots, and so are the jacket
+    buttons, coins, rings and lamp highlights a detector fires on in real photos
+    (``docs/detection.md``: most of the non-face false boxes on Caltech). Drawn unlabelled,
+    i.e. as negatives: 5–48 px across (log-uniform), dark, light, metallic or coloured,
+    shaded, sometimes with two or four holes (buttons) or a highlight, softened to the
+    image's sharpness. An object overlapping a box of ``avoid_xywh`` (even a little) is not drawn.
+    """
+    import cv2
+
+    out = img.copy()
+    h_img, w_img = out.shape[:2]
+    avoid = np.asarray(avoid_xywh, np.float64).reshape(-1, 4)
+    for _ in range(count):
+        d = math.exp(rng.uniform(math.log(5.0), math.log(48.0)))
+        r = d / 2
+        cx, cy = rng.uniform(0, w_img), rng.uniform(0, h_img)
+        box = np.array([cx - r - 2, cy - r - 2, d + 4, d + 4], np.float64)
+        if len(avoid) and _iou_xywh(box[None], avoid).max() > 0:
+            continue
+        x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+        x1, y1 = min(int(math.ceil(box[0] + box[2])), w_img), min(int(math.ceil(box[1] + box[3])), h_img)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        kind = BLOBS[int(rng.integers(len(BLOBS)))]
+        u = rng.random()
+        if kind in ("coin", "ring") and u < 0.7:  # metal: silver, gold, copper
+            base = np.array([(200, 200, 205), (212, 175, 55), (184, 115, 51)][int(rng.integers(3))], np.float64)
+            base = np.clip(base * rng.uniform(0.5, 1.1), 0, 255)
+        elif u < 0.35:
+            base = rng.uniform(0, 70, 3)
+        elif u < 0.6:
+            base = rng.uniform(180, 255, 3)
+        else:
+            base = rng.uniform(0, 255, 3)
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        dist = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
+        alpha = np.clip(r + 0.5 - dist, 0.0, 1.0)  # antialiased disc
+        # light from one side: a linear shade across the disc
+        ang = rng.uniform(0, 2 * math.pi)
+        shade = 1.0 + rng.uniform(0.1, 0.5) * ((xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)) / max(r, 1)
+        col = base[None, None, :] * shade[..., None]
+        if kind == "ring":
+            inner = r * rng.uniform(0.55, 0.8)
+            alpha = alpha * np.clip(dist - inner + 0.5, 0.0, 1.0)
+        elif kind in ("button", "coin"):
+            rim = np.clip(1.0 - np.abs(dist - r * rng.uniform(0.75, 0.9)) / max(r * 0.08, 0.6), 0.0, 1.0)
+            col = col * (1.0 - 0.35 * rim[..., None] * (1 if rng.random() < 0.5 else -1))
+            if kind == "button" and r >= 3 and rng.random() < 0.7:
+                holes = 2 if rng.random() < 0.5 else 4
+                off, hr = r * rng.uniform(0.2, 0.35), max(r * rng.uniform(0.08, 0.15), 0.5)
+                rot = rng.uniform(0, math.pi)
+                for k in range(holes):
+                    a = rot + 2 * math.pi * k / holes
+                    hd = np.hypot(xx + 0.5 - (cx + off * math.cos(a)), yy + 0.5 - (cy + off * math.sin(a)))
+                    col = col * (1.0 - 0.7 * np.clip(hr + 0.5 - hd, 0.0, 1.0))[..., None]
+        else:  # spot: a soft highlight or shadow
+            alpha = np.exp(-0.5 * (dist / max(r * 0.5, 0.5)) ** 2)
+        if kind != "spot" and rng.random() < 0.5:  # a specular highlight
+            hx, hy = cx - 0.35 * r * math.cos(ang), cy - 0.35 * r * math.sin(ang)
+            hl = np.exp(-0.5 * (np.hypot(xx - hx, yy - hy) / max(r * 0.18, 0.5)) ** 2)
+            col = col + (255.0 - col) * 0.8 * hl[..., None]
+        patch = out[y0:y1, x0:x1].astype(np.float64)
+        blended = patch * (1 - alpha[..., None]) + np.clip(col, 0, 255) * alpha[..., None]
+        sigma = rng.uniform(0.0, 1.0)
+        if sigma > 0.3:
+            blended = cv2.GaussianBlur(blended, (0, 0), sigma)
+        out[y0:y1, x0:x1] = np.clip(blended, 0, 255).astype(np.uint8)
     return out
 
 
