@@ -75,7 +75,7 @@ class DetTrainSettings:
     hard_fraction: float = 0.1  # share of canvases built around mined hard negatives
     style: float = 0.15  # share of canvases re-rendered as prints, drawings, cartoons (detector_data.stylise)
     text: float = 0.25  # share of canvases given lines of text away from the faces (negatives)
-    blobs: float = 0.3  # share of canvases given small round objects away from the faces (negatives)
+    blobs: float = 0.0  # share of canvases given small round objects away from the faces (tried, off)
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
