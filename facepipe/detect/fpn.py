@@ -366,6 +366,30 @@ def load_detector(weights: str | Path | None = None) -> DetectorCheckpoint:
 # --------------------------------------------------------------------------- detector
 
 
+def suppress_contained(boxes_xyxy: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (by descending score) of the boxes no higher-scoring box contains.
+
+    A box is dropped when at least ``threshold`` of the smaller of it and a higher-scoring
+    kept box lies inside the other (intersection over the smaller area, MTCNN's "Min" NMS):
+    plain IoU NMS keeps a head box nested in a larger one for the same face, since their
+    IoU is small. ``threshold`` ≥ 1 keeps every box.
+    """
+    order = np.argsort(-scores, kind="stable")
+    if threshold >= 1.0 or len(order) < 2:
+        return order
+    b = boxes_xyxy[order].astype(np.float64)
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    iw = np.clip(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None)
+    iomin = iw * ih / np.maximum(np.minimum(area[:, None], area[None, :]), 1e-9)
+    alive = np.ones(len(b), bool)
+    for i in range(len(b)):
+        if alive[i]:
+            later = np.arange(i + 1, len(b))
+            alive[later[iomin[i, later] >= threshold]] = False
+    return order[alive]
+
+
 def _to_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
     arr = np.ascontiguousarray(np.stack(images))
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
@@ -383,7 +407,9 @@ class FPNDetector(Detector):
     images are down-scaled to this many pixels. ``large_faces``: also run the net on
     the image shrunk 4× (1/16 of the pixels, ≈6 % more time) for heads larger than
     the training canvases held (≥ ``COARSE_MIN_SIDE`` px), e.g. a portrait filling a
-    phone photo. ``nms_iou``: IoU above which lower-scoring boxes are suppressed.
+    phone photo. ``nms_iou``: IoU above which lower-scoring boxes are suppressed;
+    ``contain``: a box that much inside a higher-scoring one (or containing it, by the
+    smaller box's area) is suppressed too (:func:`suppress_contained`; 1 turns it off).
     ``device``: auto, cpu, cuda, cuda:N; the net runs channels-last with BatchNorm
     folded, on CUDA under bf16 autocast (``amp``); same-sized images are batched.
     """
@@ -400,6 +426,7 @@ class FPNDetector(Detector):
         max_pixels: float = 4.2e6,
         large_faces: bool = True,
         nms_iou: float = 0.4,
+        contain: float = 0.7,
         max_faces: int = 500,
         device: str = "auto",
         amp: bool = True,
@@ -416,6 +443,8 @@ class FPNDetector(Detector):
             raise ValueError(f"max_pixels must be > 0, got {max_pixels}")
         if not 0.0 < nms_iou <= 1.0:
             raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
+        if not 0.0 < contain <= 1.0:
+            raise ValueError(f"contain must be in (0, 1], got {contain}")
         self.device = resolve_device(device)
         self.ckpt = _checkpoint if _checkpoint is not None else load_detector(weights)
         self.config = self.ckpt.config
@@ -426,6 +455,7 @@ class FPNDetector(Detector):
         self.max_pixels = float(max_pixels)
         self.large_faces = bool(large_faces)
         self.nms_iou = float(nms_iou)
+        self.contain = float(contain)
         self.max_faces = int(max_faces)
         self.amp = bool(amp) and self.device.type == "cuda"
         self.batch_size = int(batch_size)
@@ -451,6 +481,7 @@ class FPNDetector(Detector):
             "max_pixels": self.max_pixels,
             "large_faces": self.large_faces,
             "nms_iou": self.nms_iou,
+            "contain": self.contain,
             "landmarks": True,
             "device": str(self.device),
         }
@@ -560,6 +591,6 @@ class FPNDetector(Detector):
         res = []
         for i in range(len(images)):
             m = np.flatnonzero(n == i)
-            m = m[np.argsort(-sc[m], kind="stable")][: self.max_faces]
+            m = m[suppress_contained(boxes[m], sc[m], self.contain)][: self.max_faces]
             res.append((boxes[m].astype(np.float32), sc[m].astype(np.float32), lms[m].astype(np.float32)))
         return res
