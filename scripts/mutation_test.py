@@ -81,9 +81,9 @@ TARGETS: dict[str, Target] = {
          "tests/test_align_reference.py")),
     "detector-post": Target(
         "single-pass CNN detector (--detector cnn) post-processing: box/landmark decoding, score "
-        "threshold, input scaling, the coarse pass, NMS, min_size, ordering",
+        "threshold, input scaling, the coarse pass, NMS and containment suppression, min_size, ordering",
         ("facepipe/detect/fpn.py",),
-        ("decode", "FPNDetector.input_scale", "FPNDetector._pass", "FPNDetector._run"),
+        ("decode", "suppress_contained", "FPNDetector.input_scale", "FPNDetector._pass", "FPNDetector._run"),
         ("tests/test_fpn_postprocess.py", "tests/test_fpn_detector.py::test_encode_decode_roundtrip",
          "tests/test_fpn_detector.py::test_shipped_detector_finds_the_astronaut_once_with_landmarks_near_mtcnn",
          "tests/test_fpn_detector.py::test_shipped_detector_on_tiny_and_blank_images",
