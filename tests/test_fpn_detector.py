@@ -102,7 +102,7 @@ def test_hays_box_of_the_astronaut() -> None:
     np.testing.assert_allclose(hays_boxes(ASTRONAUT_LANDMARKS[None])[0], [162.4, 60.5, 125.3, 116.5], atol=0.2)
 
 
-def _brute_force_labels(anchors: np.ndarray, canvas: Canvas, pos: float, neg: float) -> np.ndarray:
+def _brute_force_labels(anchors: np.ndarray, canvas: Canvas, pos: float, neg: float, k: int = 1) -> np.ndarray:
     def sq(b: np.ndarray) -> np.ndarray:
         s = np.sqrt(b[2] * b[3])
         return np.array([b[0] + b[2] / 2 - s / 2, b[1] + b[3] / 2 - s / 2, s, s])
@@ -128,6 +128,9 @@ def _brute_force_labels(anchors: np.ndarray, canvas: Canvas, pos: float, neg: fl
             if m >= pos:
                 out[i] = 1
     for j in range(len(boxes)):
+        if k > 1:  # every anchor reaching the face's k-th best IoU (ties included), at least 0.15
+            kth = np.sort(ious[:, j])[-k]
+            out[ious[:, j] >= max(kth, 0.15)] = 1
         i = int(np.argmax(ious[:, j]))
         if ious[i, j] >= 0.15:
             out[i] = 1
@@ -146,6 +149,19 @@ def test_anchor_assignment_matches_brute_force() -> None:
     ref = _brute_force_labels(anchors.numpy(), canvas, 0.4, 0.3)
     np.testing.assert_array_equal(t["labels"].numpy(), ref)
     assert (t["labels"] == 1).sum() >= 3  # every face has at least its best anchor
+    # S3FD-style matching: the small face (13x12 px) gets its 3 best anchors, not one
+    t3 = assign_targets(anchors, canvas, 0.4, 0.3, min_anchors=3)
+    np.testing.assert_array_equal(t3["labels"].numpy(), _brute_force_labels(anchors.numpy(), canvas, 0.4, 0.3, k=3))
+    small = torch.as_tensor([[50.0 + 6.5 - 6.245, 40.0 + 6.0 - 6.245, 50.0 + 6.5 + 6.245, 40.0 + 6.0 + 6.245]])
+    from torchvision.ops import box_iou
+    a = anchors.numpy()
+    a_xyxy = torch.as_tensor(np.stack([a[:, 0] - a[:, 2] / 2, a[:, 1] - a[:, 2] / 2, a[:, 0] + a[:, 2] / 2,
+                                       a[:, 1] + a[:, 2] / 2], 1))
+    near = box_iou(a_xyxy.float(), small.float())[:, 0] >= 0.15
+    assert int(((t["labels"] == 1) & near).sum()) == 1 and int(((t3["labels"] == 1) & near).sum()) >= 3
+    # box targets of the added positives point at their face
+    added = ((t3["labels"] == 1) & (t["labels"] != 1)).numpy()
+    assert added.any() and np.abs(t3["box"].numpy()[added]).max() < 3.0
     # landmark targets only where the face has landmarks
     pos = t["labels"].numpy() == 1
     assert t["lm_mask"].numpy()[pos].min() == 0.0 and t["lm_mask"].numpy()[pos].max() == 1.0
@@ -380,7 +396,8 @@ def test_train_detector_cli_refuses_bad_options_before_loading_data(tmp_path: Pa
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), "--mine-scales", bad])
         assert r.exit_code == 2 and "--mine-scales" in r.output, (bad, r.output)
-    for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1"), ("--blob-decoys", "3")):
+    for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1"), ("--blob-decoys", "3"),
+                     ("--min-anchors", "0")):
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), opt, bad])
         assert r.exit_code == 2 and opt in r.output, (opt, bad, r.output)

@@ -65,6 +65,7 @@ class DetTrainSettings:
     init: str | None = None  # continue from a detector checkpoint (a second, fine-tuning phase)
     pos_iou: float = 0.4
     neg_iou: float = 0.3
+    min_anchors: int = 1  # positives per face at least (S3FD-style matching for small faces; 1: the best)
     box_weight: float = 1.0
     lm_weight: float = 1.0
     mine_at: tuple[int, ...] = (1200, 2200)
@@ -97,8 +98,15 @@ def _square_xyxy(xywh: torch.Tensor) -> torch.Tensor:
 
 
 def assign_targets(anchors: torch.Tensor, canvas: Canvas, pos_iou: float = 0.4, neg_iou: float = 0.3,
-                   force_iou: float = 0.15) -> dict[str, torch.Tensor]:
-    """Labels (1 face, 0 not, -1 ignore), box and landmark targets for one canvas's anchors."""
+                   force_iou: float = 0.15, min_anchors: int = 1) -> dict[str, torch.Tensor]:
+    """Labels (1 face, 0 not, -1 ignore), box and landmark targets for one canvas's anchors.
+
+    Every face gets at least its best anchor as a positive (IoU ≥ ``force_iou``); with
+    ``min_anchors`` k > 1, every anchor whose IoU with a face reaches that face's k-th best
+    (ties included, and ≥ ``force_iou``) is a positive for it — scale-compensated matching
+    as in S3FD (Zhang et al. 2017): a small face between anchor sizes otherwise has one
+    positive where a large face has dozens.
+    """
     from torchvision.ops import box_iou
 
     n = len(anchors)
@@ -118,6 +126,12 @@ def assign_targets(anchors: torch.Tensor, canvas: Canvas, pos_iou: float = 0.4, 
         best, which = iou.max(dim=1)
         labels[(best >= neg_iou) & (best < pos_iou)] = -1.0
         pos = best >= pos_iou
+        if min_anchors > 1:
+            kth = iou.topk(min(int(min_anchors), n), dim=0).values[-1]  # (K,) each face's k-th best IoU
+            sel = (iou >= kth.clamp(min=force_iou)[None, :]) & (iou >= force_iou)
+            hit = sel.any(dim=1)
+            pos |= hit
+            which[hit] = (iou * sel).argmax(dim=1)[hit]
         forced = iou.argmax(dim=0)  # each face's best anchor
         ok = iou[forced, torch.arange(len(gt), device=dev)] >= force_iou
         pos[forced[ok]] = True
@@ -165,7 +179,8 @@ def batch_tensors(canvases: Sequence[Canvas], net: FaceFPN, config: DetectorConf
     S = x.shape[-1]
     shapes = [feature_shape(S, s) for s in config.strides]
     anchors = all_anchors(config, shapes, device)
-    per = [assign_targets(anchors, c, settings.pos_iou, settings.neg_iou) for c in canvases]
+    per = [assign_targets(anchors, c, settings.pos_iou, settings.neg_iou, min_anchors=settings.min_anchors)
+           for c in canvases]
     targets = {k: torch.stack([p[k] for p in per]) for k in per[0]}
     return x, targets, anchors
 
