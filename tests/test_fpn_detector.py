@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -314,35 +315,34 @@ def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndar
             CompositeSampler(split, 96, **bad)
 
 
-def test_text_decoys_are_drawn_and_stay_clear_of_the_faces(astronaut: np.ndarray) -> None:
-    from facepipe.train.detector_data import draw_text_decoys
-
+def _decoys_spare_the_face(draw: Any, astronaut: np.ndarray, rng: np.random.Generator, count: int,
+                           calls: int) -> int:
+    """Call a decoy drawer ``calls`` times around the astronaut's head: the head's pixels never
+    change, nothing is drawn when one box covers the image; returns how many calls drew."""
     face = np.array([[170.0, 60.0, 110.0, 120.0]])  # the astronaut's head, xywh
-    rng = np.random.default_rng(3)
     drawn = 0
-    for _ in range(20):
-        out = draw_text_decoys(astronaut, rng, face, 3)
+    for _ in range(calls):
+        out = draw(astronaut, rng, face, count)
         assert out.shape == astronaut.shape and out.dtype == np.uint8
         np.testing.assert_array_equal(out[60:180, 170:280], astronaut[60:180, 170:280])
         drawn += int((out != astronaut).any())
-    assert drawn >= 15  # most calls find room for at least one line
-    # a box covering the whole image leaves no room: nothing is drawn
     whole = np.array([[0.0, 0.0, astronaut.shape[1], astronaut.shape[0]]])
-    np.testing.assert_array_equal(draw_text_decoys(astronaut, rng, whole, 5), astronaut)
+    np.testing.assert_array_equal(draw(astronaut, rng, whole, count + 2), astronaut)
+    return drawn
+
+
+def test_text_decoys_are_drawn_and_stay_clear_of_the_faces(astronaut: np.ndarray) -> None:
+    from facepipe.train.detector_data import draw_text_decoys
+
+    # most calls find room for at least one line
+    assert _decoys_spare_the_face(draw_text_decoys, astronaut, np.random.default_rng(3), 3, 20) >= 15
 
 
 def test_blob_decoys_are_small_round_and_stay_clear_of_the_faces(astronaut: np.ndarray) -> None:
     from facepipe.train.detector_data import draw_blob_decoys
 
-    face = np.array([[170.0, 60.0, 110.0, 120.0]])  # the astronaut's head, xywh
     rng = np.random.default_rng(4)
-    drawn = 0
-    for _ in range(10):
-        out = draw_blob_decoys(astronaut, rng, face, 6)
-        assert out.shape == astronaut.shape and out.dtype == np.uint8
-        np.testing.assert_array_equal(out[60:180, 170:280], astronaut[60:180, 170:280])
-        drawn += int((out != astronaut).any())
-    assert drawn >= 9
+    assert _decoys_spare_the_face(draw_blob_decoys, astronaut, rng, 6, 10) >= 9
     # one object at a time on a plain grey field: small and round (its bounding box)
     blank = np.full((200, 200, 3), 128, np.uint8)
     sizes = []
@@ -358,9 +358,6 @@ def test_blob_decoys_are_small_round_and_stay_clear_of_the_faces(astronaut: np.n
         assert max(h, w) <= 54 and 0.6 <= h / w <= 1.6, (h, w)  # 5-48 px across, plus blur
         sizes.append(max(h, w))
     assert len(sizes) >= 20 and min(sizes) < 15 and max(sizes) > 25  # many sizes, tiny ones included
-    # a box covering the whole image leaves no room: nothing is drawn
-    whole = np.array([[0.0, 0.0, astronaut.shape[1], astronaut.shape[0]]])
-    np.testing.assert_array_equal(draw_blob_decoys(astronaut, rng, whole, 8), astronaut)
 
 
 @pytest.mark.parametrize("kind", ["binary", "halftone", "poster", "cartoon", "sketch"])
