@@ -9,7 +9,8 @@ every BatchNorm keeps its statistics (small batches).
 
 Targets: every anchor is matched to the (equal-area squared) head boxes of its
 canvas: IoU ≥ ``pos_iou`` → face, < ``neg_iou`` → non-face, in between ignored;
-each face's best anchor is a positive too (small faces between anchor sizes), and
+each face's best anchor is a positive too (small faces between anchor sizes; its k
+best with ``min_anchors``, S3FD's matching, tried and off by default), and
 anchors overlapping an ignore region (teacher faces MTCNN was unsure of, faces cut
 by the canvas edge) are ignored. Loss = sigmoid focal loss over labelled anchors
 + smooth-L1 on box offsets + smooth-L1 on landmark offsets (where the face has
