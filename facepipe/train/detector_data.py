@@ -309,7 +309,7 @@ class CompositeSampler:
     def __init__(self, split: DetSplit, size: int = 256, seed: int = 0, min_face: float = 10.0,
                  max_face: float | None = None, augment: bool = True,
                  mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0,
-                 text: float = 0.0, blobs: float = 0.0) -> None:
+                 text: float = 0.0, blobs: float = 0.0, style_landmarks: bool = True) -> None:
         for name, v in (("style", style), ("text", text), ("blobs", blobs)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {v}")
@@ -323,6 +323,7 @@ class CompositeSampler:
         self.style = float(style)
         self.text = float(text)
         self.blobs = float(blobs)
+        self.style_landmarks = bool(style_landmarks)
         # its own generator, so the canvases' faces and labels do not depend on ``style``/``text``
         self.style_rng = np.random.default_rng([seed, 0x57])
 
@@ -601,6 +602,8 @@ class CompositeSampler:
                                       int(self.style_rng.integers(1, 11)))
         if self.style and self.style_rng.random() < self.style:
             canvas = stylise(canvas, self.style_rng)
+            if not self.style_landmarks:  # points on a cartoon or a 1-bit print are not targets
+                valid = valid * 0.0
         img = self._photometric(canvas) if self.augment else canvas
         return Canvas(np.ascontiguousarray(img), boxes.astype(np.float32), lms.astype(np.float32),
                       valid.astype(np.float32), np.concatenate(ignore).astype(np.float32))
