@@ -310,6 +310,14 @@ def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndar
         np.testing.assert_array_equal(a.ignore, b.ignore)
         assert b.image.shape == a.image.shape and b.image.dtype == np.uint8
     assert sum(not np.array_equal(a.image, b.image) for a, b in zip(plain, styled)) == len(plain)
+    # --no-style-landmarks: the same stylised canvases and boxes, no landmark targets on them
+    boxes_only = CompositeSampler(split, 96, seed=5, augment=False, style=1.0, text=0.5, blobs=0.5,
+                                  style_landmarks=False).batch(12)
+    for a, b in zip(styled, boxes_only):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert not b.lm_valid.any()
+    assert any(a.lm_valid.any() for a in styled)
     for bad in ({"style": 1.5}, {"text": -0.1}, {"blobs": 2.0}):
         with pytest.raises(ValueError):
             CompositeSampler(split, 96, **bad)

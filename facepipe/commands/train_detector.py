@@ -61,7 +61,8 @@ def _scales(text: str) -> tuple[float, ...]:
                    "highlights) away from the faces, as negatives (a face under 20 px is a round blob "
                    "too). Tried, not in the shipped recipe: docs/detection.md.")
 @click.option("--style-landmarks/--no-style-landmarks", default=True, show_default=True,
-              help="Landmark targets on the stylised canvases too (--no-style-landmarks: boxes only there).")
+              help="Landmark targets on the stylised canvases too (--no-style-landmarks: boxes only there; "
+                   "tried, docs/detection.md).")
 @click.option("--min-anchors", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Positive anchors per face at least: its k best-overlapping anchors (IoU >= 0.15) are "
                    "faces too, so small faces between anchor sizes get more than one (S3FD's matching).")
@@ -89,7 +90,8 @@ def _scales(text: str) -> tuple[float, ...]:
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
              canvas: int, lr: float, lr_backbone: float, mine_at: tuple[int, ...], hard_negatives: int,
              mine_threshold: float, mine_per_image: int, mine_scales: tuple[float, ...], hard_fraction: float,
-             style: float, text_decoys: float, blob_decoys: float, style_landmarks: bool, min_anchors: int, target_precision: float,
+             style: float, text_decoys: float, blob_decoys: float, style_landmarks: bool, min_anchors: int,
+             target_precision: float,
              lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
              packaged_scenes: bool, device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
