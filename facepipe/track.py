@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from facepipe.boxes import suppress_contained
 from facepipe.errors import ShapeError
 from facepipe.types import Box, Detection
 
@@ -276,25 +277,15 @@ class Tracker:
 def suppress_duplicates(observations: Sequence[Observation], containment: float = 0.6) -> list[Observation]:
     """One frame's faces without duplicate boxes of one face: of two boxes one of which lies at
     least ``containment`` inside the other (intersection over the smaller box's area), the
-    lower-scoring one is dropped (Haar keeps nested boxes of one face at neighbouring
-    scales; a second face cannot lie inside a face). Order is kept."""
+    lower-scoring one is dropped (:func:`facepipe.boxes.suppress_contained`; Haar keeps nested
+    boxes of one face at neighbouring scales; a second face cannot lie inside a face). Order is kept."""
     obs = list(observations)
-    keep = [True] * len(obs)
-    order = sorted(range(len(obs)), key=lambda i: -float(obs[i].detection.score))
-    for rank, i in enumerate(order):
-        if not keep[i]:
-            continue
-        bi = obs[i].detection.box
-        for j in order[rank + 1:]:
-            if not keep[j]:
-                continue
-            bj = obs[j].detection.box
-            ix = max(0.0, min(bi.x2, bj.x2) - max(bi.x, bj.x))
-            iy = max(0.0, min(bi.y2, bj.y2) - max(bi.y, bj.y))
-            smaller = min(bi.area, bj.area)
-            if smaller > 0 and ix * iy / smaller >= containment:
-                keep[j] = False
-    return [o for o, k in zip(obs, keep) if k]
+    if not obs:
+        return []
+    xyxy = np.array([o.detection.box.xyxy() for o in obs], np.float64)
+    scores = np.array([float(o.detection.score) for o in obs], np.float64)
+    keep = set(suppress_contained(xyxy, scores, containment).tolist())
+    return [o for i, o in enumerate(obs) if i in keep]
 
 
 def _majority_name(tr: Track) -> str | None:

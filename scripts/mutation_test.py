@@ -82,7 +82,7 @@ TARGETS: dict[str, Target] = {
     "detector-post": Target(
         "single-pass CNN detector (--detector cnn) post-processing: box/landmark decoding, score "
         "threshold, input scaling, the coarse pass, NMS and containment suppression, min_size, ordering",
-        ("facepipe/detect/fpn.py",),
+        ("facepipe/detect/fpn.py", "facepipe/boxes.py"),
         ("decode", "suppress_contained", "FPNDetector.input_scale", "FPNDetector._pass", "FPNDetector._run"),
         ("tests/test_fpn_postprocess.py", "tests/test_fpn_detector.py::test_encode_decode_roundtrip",
          "tests/test_fpn_detector.py::test_shipped_detector_finds_the_astronaut_once_with_landmarks_near_mtcnn",
@@ -104,7 +104,7 @@ TARGETS: dict[str, Target] = {
          "tests/test_detector_contract.py")),
     "tracker": Target(
         "tracker (prediction, affinity, assignment, track lifetime) and the identity vote",
-        ("facepipe/track.py",), (),
+        ("facepipe/track.py", "facepipe/boxes.py"), (),
         ("tests/test_track.py", "tests/test_track_reid.py",
          "tests/test_track_identity.py::test_track_votes_follow_the_majority_not_the_first_frame",
          "tests/test_track_identity.py::test_vote_is_independent_of_frame_order",
