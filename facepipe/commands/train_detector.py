@@ -60,6 +60,10 @@ def _scales(text: str) -> tuple[float, ...]:
               help="Share of training canvases given 1-10 small round objects (buttons, coins, rings, "
                    "highlights) away from the faces, as negatives (a face under 20 px is a round blob "
                    "too). Tried, not in the shipped recipe: docs/detection.md.")
+@click.option("--crowd", type=FiniteFloat(0, 1), default=0.0, show_default=True,
+              help="Share of the composite canvases built as group photos: 4-12 faces bunched together, "
+                   "nearer (larger) heads hiding parts of farther ones, scene patches covering some faces' "
+                   "edges; a face less than half visible is ignored.")
 @click.option("--style-landmarks/--no-style-landmarks", default=True, show_default=True,
               help="Landmark targets on the stylised canvases too (--no-style-landmarks: boxes only there; "
                    "tried, docs/detection.md).")
@@ -90,7 +94,8 @@ def _scales(text: str) -> tuple[float, ...]:
 def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, steps: int, batch_size: int,
              canvas: int, lr: float, lr_backbone: float, mine_at: tuple[int, ...], hard_negatives: int,
              mine_threshold: float, mine_per_image: int, mine_scales: tuple[float, ...], hard_fraction: float,
-             style: float, text_decoys: float, blob_decoys: float, style_landmarks: bool, min_anchors: int,
+             style: float, text_decoys: float, blob_decoys: float, crowd: float, style_landmarks: bool,
+             min_anchors: int,
              target_precision: float,
              lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
              packaged_scenes: bool, device: str, seed: int,
@@ -133,6 +138,7 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
                                     hard_per_round=hard_negatives, mine_threshold=mine_threshold,
                                     mine_per_image=mine_per_image, hard_fraction=hard_fraction,
                                     mine_scales=mine_scales, style=style, text=text_decoys, blobs=blob_decoys,
+                                    crowd=crowd,
                                     min_anchors=min_anchors, style_landmarks=style_landmarks,
                                     target_precision=target_precision,
                                     train_from=train_from, classifier=classifier, init=init, device=device)

@@ -79,6 +79,7 @@ class DetTrainSettings:
     text: float = 0.25  # share of canvases given lines of text away from the faces (negatives)
     blobs: float = 0.0  # share of canvases given small round objects away from the faces (tried, off)
     style_landmarks: bool = True  # landmark targets on stylised canvases too
+    crowd: float = 0.0  # share of composite canvases built as overlapping group photos
     mine_photos: int = 400
     target_precision: float = 0.97
     dev_composites: int = 200
@@ -474,7 +475,7 @@ def train_detector(train: DetSplit, val: DetSplit, out_dir: Path, settings: DetT
     sampler = CompositeSampler(train, settings.canvas, seed=settings.seed,
                                mix=(0.6 - h, 0.32, h, 0.08), style=settings.style,
                                text=settings.text, blobs=settings.blobs,
-                               style_landmarks=settings.style_landmarks)
+                               style_landmarks=settings.style_landmarks, crowd=settings.crowd)
     history: list[dict[str, float]] = []
     step0 = 0
     train_seconds = 0.0

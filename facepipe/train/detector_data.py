@@ -302,6 +302,8 @@ class CompositeSampler:
     of text away from the faces (:func:`draw_text_decoys`); ``blobs``: share given small
     round objects away from the faces (:func:`draw_blob_decoys`). All three draw from a
     separate generator: the same seed gives the same boxes and landmarks whatever they are.
+    ``crowd``: share of the composite canvases built as group photos instead
+    (:meth:`crowd_canvas`: overlapping faces, nearer ones hiding farther ones).
     """
 
     KINDS = ("composite", "mosaic", "hard", "scene")
@@ -309,8 +311,9 @@ class CompositeSampler:
     def __init__(self, split: DetSplit, size: int = 256, seed: int = 0, min_face: float = 10.0,
                  max_face: float | None = None, augment: bool = True,
                  mix: tuple[float, float, float, float] = (0.5, 0.32, 0.1, 0.08), style: float = 0.0,
-                 text: float = 0.0, blobs: float = 0.0, style_landmarks: bool = True) -> None:
-        for name, v in (("style", style), ("text", text), ("blobs", blobs)):
+                 text: float = 0.0, blobs: float = 0.0, style_landmarks: bool = True,
+                 crowd: float = 0.0) -> None:
+        for name, v in (("style", style), ("text", text), ("blobs", blobs), ("crowd", crowd)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {v}")
         self.split = split
@@ -323,6 +326,7 @@ class CompositeSampler:
         self.style = float(style)
         self.text = float(text)
         self.blobs = float(blobs)
+        self.crowd = float(crowd)
         self.style_landmarks = bool(style_landmarks)
         # its own generator, so the canvases' faces and labels do not depend on ``style``/``text``
         self.style_rng = np.random.default_rng([seed, 0x57])
@@ -377,26 +381,37 @@ class CompositeSampler:
         part = canvas[y0:y1, x0:x1].astype(np.float32)
         canvas[y0:y1, x0:x1] = (part * (1 - mask) + warped * mask).astype(np.uint8)
 
-    def _place(self, side: float, taken: list[np.ndarray]) -> tuple[float, float] | None:
-        """A centre for a square of ``side`` overlapping earlier placements little (≤ 0.1 IoU)."""
+    def _place(self, side: float, taken: list[np.ndarray], max_iou: float = 0.1,
+               near: tuple[float, float, float] | None = None) -> tuple[float, float] | None:
+        """A centre for a square of ``side`` overlapping earlier placements little (≤ ``max_iou``).
+
+        ``near``: ``(x, y, spread)``, draw the centre around ``(x, y)`` instead of anywhere.
+        """
         rng, S = self.rng, self.size
         for _ in range(8):
-            lo, hi = -0.25 * side, S + 0.25 * side  # faces may be cut by the border
-            tx, ty = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            if near is None:
+                lo, hi = -0.25 * side, S + 0.25 * side  # faces may be cut by the border
+                tx, ty = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            else:
+                tx, ty = near[0] + rng.normal(0, near[2]), near[1] + rng.normal(0, near[2])
             box = np.array([[tx - side / 2, ty - side / 2, side, side]])
-            if not taken or _iou_xywh(box, np.stack(taken)).max() <= 0.1:
+            if not taken or _iou_xywh(box, np.stack(taken)).max() <= max_iou:
                 taken.append(box[0])
                 return tx, ty
         return None
 
-    def _paste_face(self, canvas: np.ndarray, side: float, taken: list[np.ndarray], out: dict) -> None:
+    def _paste_face(self, canvas: np.ndarray, side: float, taken: list[np.ndarray], out: dict,
+                    max_iou: float = 0.1, near: tuple[float, float, float] | None = None
+                    ) -> tuple[float, float, float] | None:
+        """Paste one face (a Caltech crop or an LFW photo's head); returns the opaque disc
+        ``(x, y, radius)`` it covers the canvas with, None when there was no room."""
         import cv2
 
         rng, sp = self.rng, self.split
         use_crop = len(sp.crops) and (not sp.photos or (side <= 56 and rng.random() < 0.4))
-        place = self._place(side * 1.1, taken)
+        place = self._place(side * 1.1, taken, max_iou, near)
         if place is None:
-            return
+            return None
         tx, ty = place
         theta = math.radians(rng.uniform(-12, 12)) if self.augment else 0.0
         flip = bool(rng.random() < 0.5)
@@ -409,7 +424,7 @@ class CompositeSampler:
             out["boxes"].append(_map_boxes(m, box)[0])
             out["landmarks"].append(np.zeros((5, 2)))
             out["lm_valid"].append(0.0)
-            return
+            return tx, ty, side * 0.56
         photo = sp.photos[rng.integers(len(sp.photos))]
         k = rng.integers(len(photo.boxes))
         b = photo.boxes[k]
@@ -418,8 +433,8 @@ class CompositeSampler:
         cx, cy = b[0] + b[2] / 2, b[1] + b[3] / 2
         m = _affine(cx, cy, a, theta, tx, ty, flip)
         # soft round cut-out: the whole head box plus context, fading out
-        self._paste_soft(canvas, photo.image, m, tx, ty, side * rng.uniform(0.72, 0.9),
-                         side * rng.uniform(0.95, 1.25), cv2.BORDER_REFLECT_101)
+        r_in, r_out = side * rng.uniform(0.72, 0.9), side * rng.uniform(0.95, 1.25)
+        self._paste_soft(canvas, photo.image, m, tx, ty, r_in, r_out, cv2.BORDER_REFLECT_101)
         lm = _flip_landmarks(_map_points(m, photo.landmarks[k:k + 1].reshape(-1, 2)).reshape(1, 5, 2), flip)
         out["boxes"].append(hays_boxes(lm)[0])
         out["landmarks"].append(lm[0])
@@ -429,8 +444,9 @@ class CompositeSampler:
         if len(others):
             ob = _map_boxes(m, others)
             oc = ob[:, :2] + ob[:, 2:] / 2
-            near = np.hypot(oc[:, 0] - tx, oc[:, 1] - ty) < side * 1.3
-            out["ignore"].extend(ob[near])
+            close = np.hypot(oc[:, 0] - tx, oc[:, 1] - ty) < side * 1.3
+            out["ignore"].extend(ob[close])
+        return tx, ty, (r_in + r_out) / 2
 
     def _paste_decoy(self, canvas: np.ndarray, side: float, taken: list[np.ndarray]) -> None:
         import cv2
@@ -456,8 +472,11 @@ class CompositeSampler:
 
     # -- canvas kinds --------------------------------------------------------------
     def composite(self) -> Canvas:
-        """Scene background, 1–8 pasted faces at many scales, 0–3 decoys."""
+        """Scene background, 1–8 pasted faces at many scales, 0–3 decoys (or, at the
+        ``crowd`` rate, a :meth:`crowd_canvas`)."""
         rng = self.rng
+        if self.crowd and rng.random() < self.crowd:
+            return self.crowd_canvas()
         canvas = self._scene_background()
         out: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": []}
         taken: list[np.ndarray] = []
@@ -471,6 +490,65 @@ class CompositeSampler:
         for side in sides:
             self._paste_face(canvas, side, taken, out)
         return self._finish(canvas, out)
+
+    def crowd_canvas(self) -> Canvas:
+        """A group photo: 4–12 faces of similar size bunched together, overlapping.
+
+        Faces are pasted from the back (smaller) to the front (larger), so nearer heads
+        hide parts of farther ones, as in a crowd; a few scene patches (shoulders, hands,
+        objects) cover the edges of some faces too. A face less than half visible
+        becomes an ignore region; one with a landmark hidden keeps its box as a target,
+        not its landmarks.
+        """
+        import cv2
+
+        rng, S = self.rng, self.size
+        canvas = self._scene_background()
+        out: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": []}
+        n = int(rng.integers(4, 13))
+        base = min(self._face_side(), S / 3.0)
+        sides = sorted(base * math.exp(rng.uniform(-0.35, 0.35)) for _ in range(n))
+        # centres spread about one point by about the radius of n touching heads
+        group = (rng.uniform(0.25, 0.75) * S, rng.uniform(0.25, 0.75) * S, base * math.sqrt(n) * rng.uniform(0.35, 0.6))
+        taken: list[np.ndarray] = []
+        discs: list[tuple[int, float, float, float, float]] = []  # (faces before it, x, y, r, aspect)
+        for side in sides:
+            before = len(out["boxes"])
+            disc = self._paste_face(canvas, side, taken, out, max_iou=0.35, near=group)
+            if disc is not None:
+                discs.append((before, *disc, 1.0))
+        for _ in range(int(rng.integers(0, 3))):  # occluders entering a face from below or the side
+            if not out["boxes"]:
+                break
+            k = int(rng.integers(len(out["boxes"])))
+            b = out["boxes"][k]
+            side = math.sqrt(max(b[2] * b[3], 1.0))
+            ang = rng.uniform(0.15, 0.85) * math.pi  # mostly from below (image y points down)
+            if rng.random() < 0.4:
+                ang = rng.choice([0.0, math.pi]) + rng.uniform(-0.3, 0.3)
+            cx, cy = b[0] + b[2] / 2 + math.cos(ang) * side * 0.75, b[1] + b[3] / 2 + math.sin(ang) * side * 0.75
+            r = side * rng.uniform(0.3, 0.55)
+            aspect = rng.uniform(0.7, 1.4)
+            img = self.split.scenes[rng.integers(len(self.split.scenes))]
+            h, w = img.shape[:2]
+            src_side = min(h, w) * rng.uniform(0.05, 0.5)
+            sx, sy = rng.uniform(src_side / 2, w - src_side / 2 + 1e-6), rng.uniform(src_side / 2, h - src_side / 2 + 1e-6)
+            m = _affine(sx, sy, 2 * r / src_side, math.radians(rng.uniform(-20, 20)), cx, cy, rng.random() < 0.5)
+            self._paste_soft(canvas, img, m, cx, cy, r * 0.85, r * 1.1, cv2.BORDER_REFLECT_101, aspect=aspect)
+            discs.append((len(out["boxes"]), cx, cy, r, aspect))
+        keep_out: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": list(out["ignore"])}
+        for k, (b, lm, v) in enumerate(zip(out["boxes"], out["landmarks"], out["lm_valid"])):
+            later = [(x, y, r, asp) for before, x, y, r, asp in discs if before > k]
+            hidden = _hidden_fraction(b, later)
+            if hidden > 0.5:
+                keep_out["ignore"].append(b)
+                continue
+            if v and later and _points_hidden(lm, later).any():
+                v = 0.0
+            keep_out["boxes"].append(b)
+            keep_out["landmarks"].append(lm)
+            keep_out["lm_valid"].append(v)
+        return self._finish(canvas, keep_out)
 
     def mosaic(self) -> Canvas:
         """1–4 × 1–4 grid of LFW photos (random crop and zoom each), teacher labels kept."""
@@ -824,6 +902,24 @@ def stylise(img: np.ndarray, rng: np.random.Generator, kind: str | None = None) 
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
     return np.ascontiguousarray(out)
+
+
+def _points_hidden(points: np.ndarray, discs: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
+    """Which ``(K, 2)`` points lie inside any elliptic disc ``(x, y, r, aspect)`` (x radius r·aspect)."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    hid = np.zeros(len(pts), bool)
+    for x, y, r, asp in discs:
+        hid |= np.hypot((pts[:, 0] - x) / asp, pts[:, 1] - y) < r
+    return hid
+
+
+def _hidden_fraction(box: np.ndarray, discs: Sequence[tuple[float, float, float, float]], grid: int = 12) -> float:
+    """Fraction of ``box`` (xywh) covered by the elliptic discs, on a ``grid × grid`` sample."""
+    if not discs:
+        return 0.0
+    g = (np.arange(grid) + 0.5) / grid
+    xx, yy = np.meshgrid(box[0] + g * box[2], box[1] + g * box[3])
+    return float(_points_hidden(np.stack([xx.ravel(), yy.ravel()], 1), discs).mean())
 
 
 def _visible_fraction(box: np.ndarray, region: np.ndarray) -> float:
