@@ -323,6 +323,66 @@ def test_style_rerenders_canvases_without_moving_their_labels(astronaut: np.ndar
             CompositeSampler(split, 96, **bad)
 
 
+def test_hidden_fraction_matches_a_dense_pixel_count() -> None:
+    from facepipe.train.detector_data import _hidden_fraction
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        box = np.array([*rng.uniform(0, 50, 2), *rng.uniform(10, 40, 2)])
+        discs = [(*rng.uniform(0, 90, 2), rng.uniform(5, 30), rng.uniform(0.7, 1.4)) for _ in range(3)]
+        yy, xx = np.mgrid[0:400, 0:400] / 400.0
+        px, py = box[0] + xx * box[2], box[1] + yy * box[3]
+        hid = np.zeros(px.shape, bool)
+        for x, y, r, a in discs:
+            hid |= ((px - x) / a) ** 2 + (py - y) ** 2 < r * r
+        assert abs(_hidden_fraction(box, discs, grid=48) - hid.mean()) < 0.03
+    assert _hidden_fraction(np.array([0.0, 0.0, 10.0, 10.0]), []) == 0.0
+
+
+def test_occlusion_labels_follow_the_paste_order() -> None:
+    from facepipe.train.detector_data import occlusion_labels
+
+    lm = np.array([[6.0, 8.0], [14.0, 8.0], [10.0, 11.0], [7.0, 15.0], [13.0, 15.0]])
+    out = {"boxes": [np.array([0.0, 0.0, 20.0, 20.0]), np.array([40.0, 0.0, 20.0, 20.0])],
+           "landmarks": [lm, lm + [40.0, 0.0]], "lm_valid": [1.0, 1.0], "ignore": [np.array([90.0, 90, 5, 5])]}
+    # a big disc over face 0, pasted after it: face 0 is ignored; face 1 untouched
+    res = occlusion_labels(out, [(1, 10.0, 10.0, 20.0, 1.0)])
+    assert len(res["boxes"]) == 1 and res["boxes"][0][0] == 40.0 and res["lm_valid"] == [1.0]
+    assert len(res["ignore"]) == 2 and res["ignore"][1][0] == 0.0
+    # the same disc pasted before face 0 (it lies under the face): nothing changes
+    res = occlusion_labels(out, [(0, 10.0, 10.0, 20.0, 1.0)])
+    assert len(res["boxes"]) == 2 and res["lm_valid"] == [1.0, 1.0] and len(res["ignore"]) == 1
+    # a small disc over face 1's mouth corner only: box kept, landmarks dropped
+    res = occlusion_labels(out, [(2, 53.0, 16.0, 3.0, 1.0)])
+    assert len(res["boxes"]) == 2 and res["lm_valid"] == [1.0, 0.0]
+
+
+def test_crowd_canvases_overlap_their_faces(astronaut: np.ndarray) -> None:
+    from facepipe.evaluate import box_iou_matrix
+    from facepipe.train.detector_data import CompositeSampler
+
+    split = _tiny_split(astronaut)
+    plain = CompositeSampler(split, 128, seed=3, augment=False, mix=(1, 0, 0, 0))
+    crowd = CompositeSampler(split, 128, seed=3, augment=False, mix=(1, 0, 0, 0), crowd=1.0)
+
+    def most_overlap(c: Any) -> float:
+        b = np.concatenate([c.boxes, c.ignore]).reshape(-1, 4)
+        if len(b) < 2:
+            return 0.0
+        iou = box_iou_matrix(b, b)
+        np.fill_diagonal(iou, 0.0)
+        return float(iou.max())
+
+    plain_c, crowd_c = plain.batch(16), crowd.batch(16)
+    assert max(most_overlap(c) for c in plain_c) < 0.2  # ordinary composites keep faces apart
+    assert sum(most_overlap(c) > 0.2 for c in crowd_c) >= 4
+    assert sum(len(c.boxes) + len(c.ignore) for c in crowd_c) > 1.5 * sum(len(c.boxes) + len(c.ignore) for c in plain_c)
+    for c in crowd_c:
+        assert c.image.shape == (128, 128, 3) and len(c.boxes) == len(c.landmarks) == len(c.lm_valid)
+    with pytest.raises(ValueError):
+        CompositeSampler(split, 96, crowd=1.5)
+
+
 def _decoys_spare_the_face(draw: Any, astronaut: np.ndarray, rng: np.random.Generator, count: int,
                            calls: int) -> int:
     """Call a decoy drawer ``calls`` times around the astronaut's head: the head's pixels never

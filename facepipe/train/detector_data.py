@@ -536,19 +536,7 @@ class CompositeSampler:
             m = _affine(sx, sy, 2 * r / src_side, math.radians(rng.uniform(-20, 20)), cx, cy, rng.random() < 0.5)
             self._paste_soft(canvas, img, m, cx, cy, r * 0.85, r * 1.1, cv2.BORDER_REFLECT_101, aspect=aspect)
             discs.append((len(out["boxes"]), cx, cy, r, aspect))
-        keep_out: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": list(out["ignore"])}
-        for k, (b, lm, v) in enumerate(zip(out["boxes"], out["landmarks"], out["lm_valid"])):
-            later = [(x, y, r, asp) for before, x, y, r, asp in discs if before > k]
-            hidden = _hidden_fraction(b, later)
-            if hidden > 0.5:
-                keep_out["ignore"].append(b)
-                continue
-            if v and later and _points_hidden(lm, later).any():
-                v = 0.0
-            keep_out["boxes"].append(b)
-            keep_out["landmarks"].append(lm)
-            keep_out["lm_valid"].append(v)
-        return self._finish(canvas, keep_out)
+        return self._finish(canvas, occlusion_labels(out, discs))
 
     def mosaic(self) -> Canvas:
         """1–4 × 1–4 grid of LFW photos (random crop and zoom each), teacher labels kept."""
@@ -902,6 +890,27 @@ def stylise(img: np.ndarray, rng: np.random.Generator, kind: str | None = None) 
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
     return np.ascontiguousarray(out)
+
+
+def occlusion_labels(out: dict[str, list], discs: Sequence[tuple[int, float, float, float, float]],
+                     max_hidden: float = 0.5) -> dict[str, list]:
+    """Labels of faces pasted one over another: ``out`` lists boxes (xywh), landmarks,
+    landmark validity and ignore boxes in paste order; each disc ``(n, x, y, r, aspect)``
+    was pasted after the first ``n`` faces and hides what it covers of them. A face more
+    than ``max_hidden`` covered becomes an ignore region; one with a landmark covered
+    keeps its box, not its landmark targets."""
+    res: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": list(out["ignore"])}
+    for k, (b, lm, v) in enumerate(zip(out["boxes"], out["landmarks"], out["lm_valid"])):
+        later = [(x, y, r, asp) for before, x, y, r, asp in discs if before > k]
+        if _hidden_fraction(np.asarray(b, np.float64), later) > max_hidden:
+            res["ignore"].append(b)
+            continue
+        if v and later and _points_hidden(lm, later).any():
+            v = 0.0
+        res["boxes"].append(b)
+        res["landmarks"].append(lm)
+        res["lm_valid"].append(v)
+    return res
 
 
 def _points_hidden(points: np.ndarray, discs: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
