@@ -63,7 +63,8 @@ def _scales(text: str) -> tuple[float, ...]:
 @click.option("--crowd", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Share of the composite canvases built as group photos: 4-12 faces bunched together, "
                    "nearer (larger) heads hiding parts of farther ones, scene patches covering some faces' "
-                   "edges; a face less than half visible is ignored.")
+                   "edges; a face less than half visible is ignored. Tried, not in the shipped recipe: "
+                   "docs/detection.md.")
 @click.option("--style-landmarks/--no-style-landmarks", default=True, show_default=True,
               help="Landmark targets on the stylised canvases too (--no-style-landmarks: boxes only there; "
                    "tried, docs/detection.md).")
