@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                           "best_recall_at_mtcnn_precision": best_recall_at_precision(r, mtcnn_p[set_name])
                           if set_name in mtcnn_p else None,
                           "best_recall_at_precision_0.95": best_recall_at_precision(r, 0.95)}
-            print(f"{set_name:22s} {name:9s} AP@0.3 {rows[name]['ap_iou0.3']:.4f} best R at MTCNN's P "
-                  f"{rows[name]['best_recall_at_mtcnn_precision']} at 0.95 {rows[name]['best_recall_at_precision_0.95']}",
-                  flush=True)
+            row = rows[name]
+            print(f"{set_name:22s} {name:9s} AP@0.3 {row['ap_iou0.3']:.4f} best R at MTCNN's P "
+                  f"{row['best_recall_at_mtcnn_precision']} at 0.95 {row['best_recall_at_precision_0.95']}", flush=True)
         result["sets"][set_name] = {"images": len(gt), "faces": sum(len(b) for b in gtb),
                                     "mtcnn_precision": mtcnn_p.get(set_name), "results": rows}
     if args.json:

@@ -509,7 +509,8 @@ class CompositeSampler:
         base = min(self._face_side(), S / 3.0)
         sides = sorted(base * math.exp(rng.uniform(-0.35, 0.35)) for _ in range(n))
         # centres spread about one point by about the radius of n touching heads
-        group = (rng.uniform(0.25, 0.75) * S, rng.uniform(0.25, 0.75) * S, base * math.sqrt(n) * rng.uniform(0.35, 0.6))
+        group = (rng.uniform(0.25, 0.75) * S, rng.uniform(0.25, 0.75) * S,
+                 base * math.sqrt(n) * rng.uniform(0.35, 0.6))
         taken: list[np.ndarray] = []
         discs: list[tuple[int, float, float, float, float]] = []  # (faces before it, x, y, r, aspect)
         for side in sides:
@@ -532,7 +533,8 @@ class CompositeSampler:
             img = self.split.scenes[rng.integers(len(self.split.scenes))]
             h, w = img.shape[:2]
             src_side = min(h, w) * rng.uniform(0.05, 0.5)
-            sx, sy = rng.uniform(src_side / 2, w - src_side / 2 + 1e-6), rng.uniform(src_side / 2, h - src_side / 2 + 1e-6)
+            sx = rng.uniform(src_side / 2, w - src_side / 2 + 1e-6)
+            sy = rng.uniform(src_side / 2, h - src_side / 2 + 1e-6)
             m = _affine(sx, sy, 2 * r / src_side, math.radians(rng.uniform(-20, 20)), cx, cy, rng.random() < 0.5)
             self._paste_soft(canvas, img, m, cx, cy, r * 0.85, r * 1.1, cv2.BORDER_REFLECT_101, aspect=aspect)
             discs.append((len(out["boxes"]), cx, cy, r, aspect))
