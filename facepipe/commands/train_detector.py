@@ -78,7 +78,8 @@ def _scales(text: str) -> tuple[float, ...]:
 @click.option("--lfw-people", type=click.IntRange(min=1), default=None,
               help="Only the first N LFW people in alphabetical order (all by default; a CPU budget).")
 @click.option("--train-from", type=click.IntRange(0, 7), default=7, show_default=True,
-              help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen).")
+              help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen; "
+                   "4 fine-tunes its stride-8 blocks, measured in docs/detection.md).")
 @click.option("--classifier", default="finetune", show_default=True,
               help="Face/non-face classifier that seeds the stride-8 trunk and head.")
 @click.option("--init", "init", default=None, metavar="CHECKPOINT",
