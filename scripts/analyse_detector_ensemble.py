@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     from facepipe.device import describe_machine
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
-    from facepipe.types import Box, Detection
 
     torch.set_num_threads(args.threads)
     cks = [load_detector(p) for p in args.checkpoint]
@@ -114,12 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [load_image(g.path) for g in gt]
         rows: dict[str, Any] = {}
         for name, net in variants.items():
-            det = FPNDetector.from_network(net, threshold=0.05, device="cpu")
-            dets = []
-            for im in images:
-                b, s, _ = det.raw([im])[0]
-                dets.append([Detection(Box.from_xyxy(*map(float, bb)), float(ss), "cnn") for bb, ss in zip(b, s)])
-            r = precision_recall(dets, gtb, 0.3)
+            det = FPNDetector.from_network(net, threshold=0.05, device="cpu")  # the whole score range
+            r = precision_recall([det.detect(im) for im in images], gtb, 0.3)
             rows[name] = {"ap_iou0.3": round(r.ap, 4),
                           "best_recall_at_mtcnn_precision": best_recall_at_precision(r, mtcnn_p[set_name])
                           if set_name in mtcnn_p else None,
