@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_detectors import best_recall_at_precision, mtcnn_default_precision
+    from bench_detectors import best_recall_at_precision, mtcnn_default_precision, run_record, write_json
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector, load_detector
-    from facepipe.device import describe_machine
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
 
@@ -102,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     mtcnn_p = mtcnn_default_precision(args.bench)
     root = data_root() / "detection"
     result: dict[str, Any] = {
-        "command": "python scripts/analyse_detector_ensemble.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "machine": describe_machine(),
-        "python": platform.python_version(), "checkpoints": [str(p) for p in args.checkpoint],
+        **run_record("analyse_detector_ensemble.py", argv), "checkpoints": [str(p) for p in args.checkpoint],
         "stride8_trunk_identical": shared, "sets": {}}
     sets = sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
     for set_name in sets:
@@ -124,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['best_recall_at_mtcnn_precision']} at 0.95 {row['best_recall_at_precision_0.95']}", flush=True)
         result["sets"][set_name] = {"images": len(gt), "faces": sum(len(b) for b in gtb),
                                     "mtcnn_precision": mtcnn_p.get(set_name), "results": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -20,9 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -107,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_detectors import mtcnn_default_precision
+    from bench_detectors import mtcnn_default_precision, run_record, write_json
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
-    from facepipe.device import describe_machine
     from facepipe.evaluate import load_annotations
     from facepipe.io import load_image
     from facepipe.types import Box, Detection
@@ -120,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
     mtcnn_p = mtcnn_default_precision(args.bench)
     det = FPNDetector(device="cpu")
-    result = {"command": "python scripts/analyse_detector_flip.py " + " ".join(sys.argv[1:]),
-              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-              "machine": describe_machine(), "python": platform.python_version(),
+    result = {**run_record("analyse_detector_flip.py", argv),
               "threshold": det.threshold, "pair_iou": args.pair_iou, "sets": {}}
 
     def to_dets(b: np.ndarray, s: np.ndarray) -> list:
@@ -152,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22s} {label:10s} AP@0.3 {r['ap']:.4f}  P/R at {det.threshold:.3f}: "
                   f"{r['precision_at_threshold']}/{r['recall_at_threshold']}  best recall at MTCNN's precision "
                   f"{r.get('best_recall_at_mtcnn_precision')}, at 0.95: {r['best_recall_at_precision_0.95']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return 0
 
 

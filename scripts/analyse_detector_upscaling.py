@@ -28,9 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -91,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
     import torch
 
-    from bench_detectors import best_recall_at_precision, mtcnn_default_precision, operating_point
+    from bench_detectors import (best_recall_at_precision, mtcnn_default_precision, operating_point, run_record,
+                                 write_json)
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
-    from facepipe.device import describe_machine
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
     from facepipe.types import Box, Detection
@@ -104,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     mtcnn_p = mtcnn_default_precision(args.bench)
     root = data_root() / "detection"
     result: dict[str, Any] = {
-        "command": "python scripts/analyse_detector_upscaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "machine": describe_machine(),
-        "python": platform.python_version(), "checkpoint": args.checkpoint.name, "threshold": det.threshold,
+        **run_record("analyse_detector_upscaling.py", argv), "checkpoint": args.checkpoint.name, "threshold": det.threshold,
         "small_image_px": args.small_image, "sets": {}}
     for set_name in sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file()):
         gt = load_annotations(root / set_name)
@@ -152,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sets"][set_name] = {"images": len(gt), "faces": sum(len(b) for b in gtb),
                                     "small_images": int(sum(small)), "mtcnn_precision": mtcnn_p.get(set_name),
                                     "seconds_per_pass": seconds, "results": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -130,6 +130,25 @@ def mtcnn_default_precision(bench: Path) -> dict[str, float]:
     return out
 
 
+def run_record(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The head of a script's result JSON: the command that made it, UTC date, machine, Python."""
+    import platform
+
+    from facepipe.device import describe_machine
+
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": f"python scripts/{script} " + " ".join(args),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            "machine": describe_machine(), "python": platform.python_version()}
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a result JSON (indented, parents created); nothing when ``path`` is None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def curve(r: Any, points: int = 300) -> dict[str, Any]:
     """A PR curve downsampled for the JSON file."""
     rec, prec = np.asarray(r.recall_curve), np.asarray(r.precision_curve)

@@ -26,9 +26,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -92,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_detectors import best_recall_at_precision as best_recall
-    from bench_detectors import match, mtcnn_default_precision, operating_point
+    from bench_detectors import match, mtcnn_default_precision, operating_point, run_record, write_json
     from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
-    from facepipe.device import describe_machine
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
     from facepipe.types import Box, Detection
@@ -108,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     root = data_root() / "detection"
     sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
     mtcnn_p = mtcnn_default_precision(args.bench)
-    result: dict = {"command": "python scripts/compare_detector_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-                    "machine": describe_machine(), "python": platform.python_version(),
-                    "checkpoints": {}, "sets": {}}
+    result: dict = {**run_record("compare_detector_checkpoints.py", argv), "checkpoints": {}, "sets": {}}
     detectors = {}
     for name, path in specs:
         det = FPNDetector(str(path), device="cpu")
@@ -162,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"best R at MTCNN's P {r3.get('best_recall_at_mtcnn_precision')}, at 0.95 "
                   f"{r3['best_recall_at_precision_0.95']}", flush=True)
         result["sets"][set_name] = entry
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return 0
 
 
