@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Diagnosis: does a second opinion from the face/non-face classifier rank the single-pass
+detector's boxes better (a two-stage cascade, as MTCNN's later stages or ``haar+cnn``)?
+
+Runs the shipped ``cnn`` detector with a low score floor over every detection set, cuts
+each box out as a classifier crop (``crops_around``: the box's square window with the
+classifier's context, resampled to its 48-px input) and scores it with each shipped
+classifier (``finetune``, ``transfer``). Then re-ranks the boxes by fixed combinations of
+the two scores, chosen before looking at any set (no weight is fitted), and reports AP at
+IoU 0.3 and the best recall at MTCNN's default precision and at precision 0.95:
+
+* ``detector``: the detector's own score (the reference);
+* ``mean_logit_<clf>``: the mean of the two logits;
+* ``weighted_logit_<clf>``: detector logit ×2 plus classifier logit, over 3;
+* ``geometric_<clf>``: the geometric mean of the two probabilities.
+
+    python scripts/analyse_detector_rescoring.py --threads 2 --json docs/results/detector_rescoring.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+CLASSIFIERS = ("finetune", "transfer")
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds of probabilities (clipped away from 0 and 1)."""
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`logit`."""
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def rules() -> dict[str, Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]]:
+    """Name -> f(detector scores, {classifier: scores}) giving the new scores."""
+    out: dict[str, Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]] = {"detector": lambda s, c: s}
+    for k in CLASSIFIERS:
+        out[f"mean_logit_{k}"] = lambda s, c, k=k: sigmoid((logit(s) + logit(c[k])) / 2)
+        out[f"weighted_logit_{k}"] = lambda s, c, k=k: sigmoid((2 * logit(s) + logit(c[k])) / 3)
+        out[f"geometric_{k}"] = lambda s, c, k=k: np.sqrt(s * c[k])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score every box twice, re-rank by each rule, print and write the comparison."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--low-threshold", type=float, default=0.05, help="score floor of the detector's boxes")
+    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json",
+                    help="detection benchmark JSON to read MTCNN's default precision from")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bench_detectors import best_recall_at_precision, mtcnn_default_precision, run_record, write_json
+    from facepipe.datasets import data_root
+    from facepipe.detect.cnn import classify_crops, crops_around, load_checkpoint
+    from facepipe.detect.fpn import FPNDetector
+    from facepipe.evaluate import load_annotations, precision_recall
+    from facepipe.io import load_image
+    from facepipe.types import Box, Detection
+
+    torch.set_num_threads(args.threads)
+    det = FPNDetector(device="cpu")
+    clfs = {k: load_checkpoint(k) for k in CLASSIFIERS}
+    mtcnn_p = mtcnn_default_precision(args.bench)
+    root = data_root() / "detection"
+    sets = sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+    result: dict = {**run_record("analyse_detector_rescoring.py", argv),
+                    "detector": det.describe()["weights"], "classifiers": {k: Path(c.path).name for k, c in clfs.items()},
+                    "sets": {}}
+    for set_name in sets:
+        t0 = time.perf_counter()
+        gt = load_annotations(root / set_name)
+        gtb = [list(g.boxes) for g in gt]
+        per_image = []  # (boxes xyxy, detector scores, {classifier: scores})
+        for g in gt:
+            im = load_image(g.path)
+            b, s, _ = det.raw([im], threshold=args.low_threshold)[0]
+            c = {}
+            for k, ck in clfs.items():
+                cr = crops_around(im, b, ck.config.window, ck.config.context)
+                c[k] = classify_crops(ck, cr) if len(b) else np.zeros(0, np.float32)
+            per_image.append((b, s, c))
+        entry: dict = {"images": len(gt), "faces": sum(len(x) for x in gtb), "boxes": sum(len(x[1]) for x in per_image),
+                       "mtcnn_precision": mtcnn_p.get(set_name), "seconds": round(time.perf_counter() - t0, 1),
+                       "results": {}}
+        for name, rule in rules().items():
+            dets = [[Detection(Box.from_xyxy(*map(float, bb)), float(ss), "cnn")
+                     for bb, ss in zip(b, rule(s, c) if len(s) else s)] for b, s, c in per_image]
+            r = precision_recall(dets, gtb, 0.3)
+            row = {"ap_iou0.3": round(r.ap, 4), "best_recall_at_precision_0.95": best_recall_at_precision(r, 0.95)}
+            if set_name in mtcnn_p:
+                row["best_recall_at_mtcnn_precision"] = best_recall_at_precision(r, mtcnn_p[set_name])
+            entry["results"][name] = row
+            print(f"{set_name:22s} {name:24s} AP@0.3 {row['ap_iou0.3']:.4f} | best R at MTCNN's P "
+                  f"{row.get('best_recall_at_mtcnn_precision')}, at 0.95 {row['best_recall_at_precision_0.95']}",
+                  flush=True)
+        result["sets"][set_name] = entry
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
