@@ -383,6 +383,54 @@ def test_crowd_canvases_overlap_their_faces(astronaut: np.ndarray) -> None:
         CompositeSampler(split, 96, crowd=1.5)
 
 
+def test_video_frames_are_sources_decoded_in_order(tmp_path: Path, astronaut: np.ndarray) -> None:
+    """Every k-th frame of the data's videos is a teacher source ``path#index``; loading gives that frame."""
+    import cv2
+
+    from facepipe.errors import InputError
+    from facepipe.train.detector_teacher import load_sources, video_frame_files
+
+    (tmp_path / "videos").mkdir()
+    levels = [20 * k + 10 for k in range(11)]  # frame k is flat grey at levels[k]
+    vw = cv2.VideoWriter(str(tmp_path / "videos" / "grey.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for v in levels:
+        vw.write(np.full((48, 64, 3), v, np.uint8))
+    vw.release()
+    cv2.imwrite(str(tmp_path / "astronaut.png"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+
+    files = video_frame_files(tmp_path, 4)
+    assert files == [(f"videos/grey.avi#{k}", "video:grey.avi") for k in (0, 4, 8)]
+    assert video_frame_files(tmp_path, 0) == []
+    order = ["videos/grey.avi#8", "astronaut.png", "videos/grey.avi#0", "videos/grey.avi#4"]
+    got = list(load_sources(tmp_path, order))
+    assert [s for s, _ in got] == order
+    np.testing.assert_array_equal(got[1][1], astronaut)
+    for (src, img), k in zip([got[0], got[2], got[3]], (8, 0, 4)):
+        assert img.shape == (48, 64, 3) and abs(float(img.mean()) - levels[k]) < 4, (src, img.mean())
+    with pytest.raises(InputError, match="frame 40"):
+        list(load_sources(tmp_path, ["videos/grey.avi#40"]))
+
+
+def test_video_frames_are_drawn_at_their_share(astronaut: np.ndarray) -> None:
+    """With ``frame_share`` 1 every pasted face and mosaic cell comes from a frame, with 0 none does."""
+    from facepipe.train.detector_data import CompositeSampler, FacePhoto
+
+    split = _tiny_split(astronaut)
+    ph = split.photos[0]
+    # a "frame": the same face labels on a flat image of a level the photo and scenes never show exactly
+    frame = FacePhoto(np.full_like(ph.image, 201), ph.boxes, ph.landmarks, ph.ignore, "videos/x.mp4#0")
+    split.frames = [frame]
+
+    def share_of_201(frame_share: float) -> float:
+        split.frame_share = frame_share
+        s = CompositeSampler(split, 96, seed=5, augment=False, mix=(0, 1, 0, 0))
+        return float(np.mean([(c.image == 201).all(axis=2).mean() for c in s.batch(6)]))
+
+    assert share_of_201(1.0) > 0.5
+    assert share_of_201(0.0) < 0.05
+    assert split.summary()["video_frames"] == 1 and split.summary()["video_faces"] == len(ph.boxes)
+
+
 def _decoys_spare_the_face(draw: Any, astronaut: np.ndarray, rng: np.random.Generator, count: int,
                            calls: int) -> int:
     """Call a decoy drawer ``calls`` times around the astronaut's head: the head's pixels never
@@ -462,7 +510,7 @@ def test_train_detector_cli_refuses_bad_options_before_loading_data(tmp_path: Pa
                                      str(tmp_path / "o"), "--mine-scales", bad])
         assert r.exit_code == 2 and "--mine-scales" in r.output, (bad, r.output)
     for opt, bad in (("--style", "1.5"), ("--style", "nan"), ("--text-decoys", "-0.1"), ("--blob-decoys", "3"),
-                     ("--min-anchors", "0")):
+                     ("--min-anchors", "0"), ("--video-frames", "-1"), ("--video-share", "2")):
         r = CliRunner().invoke(cli, ["train", "detector", "--data", str(tmp_path / "none"), "--out",
                                      str(tmp_path / "o"), opt, bad])
         assert r.exit_code == 2 and opt in r.output, (opt, bad, r.output)

@@ -77,6 +77,12 @@ def _scales(text: str) -> tuple[float, ...]:
               help="LFW photos per training person.")
 @click.option("--lfw-people", type=click.IntRange(min=1), default=None,
               help="Only the first N LFW people in alphabetical order (all by default; a CPU budget).")
+@click.option("--video-frames", type=click.IntRange(min=0), default=0, show_default=True, metavar="EVERY",
+              help="Also train on every EVERY-th frame of the data's videos, labelled by the MTCNN teacher "
+                   "(real scenes with several small faces; cached next to the LFW teacher cache); 0: off. "
+                   "Tried, not in the shipped recipe: docs/detection.md.")
+@click.option("--video-share", type=FiniteFloat(0, 1), default=0.2, show_default=True,
+              help="With --video-frames: share of the photo draws that take a video frame instead of an LFW photo.")
 @click.option("--train-from", type=click.IntRange(0, 7), default=7, show_default=True,
               help="First trainable MobileNetV2 block (7: the classifier's stride-8 trunk stays frozen; "
                    "4 fine-tunes its stride-8 blocks, measured in docs/detection.md).")
@@ -99,7 +105,8 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
              style: float, text_decoys: float, blob_decoys: float, crowd: float, style_landmarks: bool,
              min_anchors: int,
              target_precision: float,
-             lfw_per_person: int, lfw_people: int | None, train_from: int, classifier: str, init: str | None,
+             lfw_per_person: int, lfw_people: int | None, video_frames: int, video_share: float,
+             train_from: int, classifier: str, init: str | None,
              packaged_scenes: bool, device: str, seed: int,
              threads: int | None, install: bool, quiet: bool, verbose: int) -> None:
     """Train the single-pass face detector with five landmarks.
@@ -120,7 +127,7 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         from facepipe.io import ensure_output_dir
         from facepipe.train.detector import DetTrainSettings, train_detector
         from facepipe.train.detector_data import load_detector_sources, teacher_files
-        from facepipe.train.detector_teacher import build_teacher_cache
+        from facepipe.train.detector_teacher import build_teacher_cache, video_frame_files
 
         validate_device_spec(device)
         if threads:
@@ -130,9 +137,16 @@ def detector(data_dir: Path | None, out_dir: Path, teacher_cache: Path | None, s
         cache = teacher_cache or out / "cache" / "lfw_teacher.npz"
         report(f"facepipe: MTCNN teacher labels for LFW ({cache})", quiet)
         teacher = build_teacher_cache(root, teacher_files(root, lfw_per_person, max_people=lfw_people), cache)
+        frames = None
+        if video_frames:
+            vcache = cache.with_name(f"video_teacher_every{video_frames}.npz")
+            report(f"facepipe: MTCNN teacher labels for every {video_frames}th video frame ({vcache})", quiet)
+            frames = build_teacher_cache(root, video_frame_files(root, video_frames), vcache)
         train, val, info = load_detector_sources(root, teacher, max_per_person=lfw_per_person,
-                                                  packaged_scenes=packaged_scenes)
+                                                  packaged_scenes=packaged_scenes, frames=frames,
+                                                  frame_share=video_share)
         info["lfw_people_considered"] = lfw_people or "all"
+        info["video_frames_every"] = video_frames
         report(f"facepipe: train {train.summary()} / val {val.summary()}", quiet)
         settings = DetTrainSettings(seed=seed, steps=steps, batch_size=batch_size, canvas=canvas, lr=lr,
                                     lr_backbone=lr_backbone,

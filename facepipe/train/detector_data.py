@@ -98,13 +98,17 @@ class DetSplit:
     scene_names: list[str] = field(default_factory=list)
     #: mined false positives: (source kind "scene"/"photo", index, box xywh)
     hard: list[tuple[str, int, np.ndarray]] = field(default_factory=list)
+    #: video frames with teacher labels, drawn instead of a photo at the ``frame_share`` rate
+    frames: list[FacePhoto] = field(default_factory=list)
+    frame_share: float = 0.0
 
     def summary(self) -> dict[str, int]:
         """Counts per source."""
         return {"lfw_photos": len(self.photos), "lfw_faces": int(sum(len(p.boxes) for p in self.photos)),
                 "lfw_ignore_regions": int(sum(len(p.ignore) for p in self.photos)),
                 "caltech_crops": int(len(self.crops)), "scenes": len(self.scenes),
-                "hard_negatives": len(self.hard)}
+                "hard_negatives": len(self.hard), "video_frames": len(self.frames),
+                "video_faces": int(sum(len(p.boxes) for p in self.frames))}
 
 
 def teacher_photo(image: np.ndarray, boxes_xyxy: np.ndarray, scores: np.ndarray, landmarks: np.ndarray,
@@ -183,8 +187,14 @@ def packaged_scene_files() -> list[Path]:
 
 def load_detector_sources(data: Path, teacher: TeacherLabels, max_per_person: int = 4,
                           max_val_photos: int = 600, val_fraction: float = 0.2,
-                          packaged_scenes: bool = False) -> tuple[DetSplit, DetSplit, dict]:
-    """Build the train and validation splits; see the module docstring."""
+                          packaged_scenes: bool = False, frames: TeacherLabels | None = None,
+                          frame_share: float = 0.2) -> tuple[DetSplit, DetSplit, dict]:
+    """Build the train and validation splits; see the module docstring.
+
+    ``frames``: teacher labels of video frames (:func:`~facepipe.train.detector_teacher.video_frame_files`),
+    training split only (a clip is one scene: held out, it would not be a different one);
+    ``frame_share`` of the photo draws then take a frame instead of an LFW photo.
+    """
     from facepipe.io import IMAGE_EXTENSIONS, load_image
 
     train, val = DetSplit(), DetSplit()
@@ -209,6 +219,17 @@ def load_detector_sources(data: Path, teacher: TeacherLabels, max_per_person: in
         else:
             per_person[person] = per_person.get(person, 0) + 1
             train.photos.append(photo)
+    if frames is not None and len(frames):
+        from facepipe.train.detector_teacher import load_sources
+
+        if not 0.0 <= frame_share <= 1.0:
+            raise ValueError(f"frame_share must be a fraction in [0, 1], got {frame_share}")
+        for i, (src, img) in enumerate(load_sources(data, list(frames.sources))):
+            b, s, lm = frames.faces_of(i)
+            if (s >= POSITIVE_SCORE).any():
+                train.frames.append(teacher_photo(img, b, s, lm, src, str(frames.people[i])))
+        train.frame_share = frame_share if train.frames else 0.0
+        info["video_frame_share"] = train.frame_share
     info["val_people"] = len({p.person for p in val.photos})
     info["train_people"] = len(per_person)
     cdir = data / "face_nonface" / "caltech_faces_36x36"
@@ -350,6 +371,13 @@ class CompositeSampler:
         return cv2.warpAffine(img, m, (S, S), flags=cv2.INTER_AREA if a < 1 else cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REFLECT_101)
 
+    def _pick_photo(self) -> FacePhoto:
+        """An LFW photo, or at the split's ``frame_share`` rate a video frame (same draws without frames)."""
+        sp, rng = self.split, self.rng
+        if sp.frames and rng.random() < sp.frame_share:
+            return sp.frames[rng.integers(len(sp.frames))]
+        return sp.photos[rng.integers(len(sp.photos))]
+
     # -- pasting -------------------------------------------------------------------
     def _roi(self, tx: float, ty: float, r: float) -> tuple[int, int, int, int] | None:
         """Canvas rows/columns ``(y0, y1, x0, x1)`` within ``r`` of ``(tx, ty)``; None if outside."""
@@ -425,7 +453,7 @@ class CompositeSampler:
             out["landmarks"].append(np.zeros((5, 2)))
             out["lm_valid"].append(0.0)
             return tx, ty, side * 0.56
-        photo = sp.photos[rng.integers(len(sp.photos))]
+        photo = self._pick_photo()
         k = rng.integers(len(photo.boxes))
         b = photo.boxes[k]
         face_side = math.sqrt(max(b[2] * b[3], 1.0))
@@ -544,7 +572,7 @@ class CompositeSampler:
         """1–4 × 1–4 grid of LFW photos (random crop and zoom each), teacher labels kept."""
         import cv2
 
-        rng, S, sp = self.rng, self.size, self.split
+        rng, S = self.rng, self.size
         g = int(rng.choice([1, 2, 2, 3, 3, 4]))
         canvas = self._scene_background()
         out: dict[str, list] = {"boxes": [], "landmarks": [], "lm_valid": [], "ignore": []}
@@ -555,7 +583,7 @@ class CompositeSampler:
                     continue  # leave the scene showing
                 x0, x1, y0, y1 = edges[c], edges[c + 1], edges[r], edges[r + 1]
                 cw = x1 - x0
-                photo = sp.photos[rng.integers(len(sp.photos))]
+                photo = self._pick_photo()
                 h, w = photo.image.shape[:2]
                 # zoom: the cell shows a window of the photo between 0.45x and 1.3x its side
                 win = min(h, w) * math.exp(rng.uniform(math.log(0.45), math.log(1.3)))

@@ -10,6 +10,10 @@ taught as a non-face.
 The cache is an NPZ: ``sources`` (paths relative to the data root), ``people``,
 ``image_index`` (per face), ``boxes`` (K, 4 xyxy, MTCNN's tight boxes), ``scores``,
 ``landmarks`` (K, 5, 2), ``sizes`` (per image H, W) and the MTCNN settings.
+
+A source is an image file or one frame of a video, written ``<video path>#<frame index>``
+(:func:`video_frame_files`, :func:`load_sources`): real scenes with several small faces
+that the LFW portraits lack.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,6 +34,9 @@ TEACHER_THRESHOLDS = (0.6, 0.6, 0.5)
 TEACHER_MIN_SIZE = 20
 #: Teacher faces at least this confident are training positives with landmark targets.
 POSITIVE_SCORE = 0.95
+#: Separates a video's path from a frame index in a source name: ``videos/clip.mp4#30``.
+FRAME_SEP = "#"
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
 @dataclass
@@ -83,7 +90,6 @@ def build_teacher_cache(data_root: Path, files: Sequence[tuple[str, str]], cache
     ``save_every`` images so an interrupted run loses little.
     """
     from facepipe.detect.mtcnn import MTCNNDetector
-    from facepipe.io import load_image
 
     sources: list[str] = []
     people: list[str] = []
@@ -99,8 +105,8 @@ def build_teacher_cache(data_root: Path, files: Sequence[tuple[str, str]], cache
     if todo:
         det = MTCNNDetector(min_size=TEACHER_MIN_SIZE, thresholds=TEACHER_THRESHOLDS, device="cpu")
         t0 = time.time()
-        for k, (rel, person) in enumerate(todo):
-            img = load_image(data_root / rel)
+        images = load_sources(data_root, [f for f, _ in todo])
+        for k, ((rel, person), (_, img)) in enumerate(zip(todo, images)):
             idx = len(sources)
             sources.append(rel)
             people.append(person)
@@ -126,6 +132,51 @@ def build_teacher_cache(data_root: Path, files: Sequence[tuple[str, str]], cache
     return TeacherLabels(labels.sources[sel], labels.people[sel], labels.sizes[sel],
                          new_idx[labels.image_index[fm]].astype(np.int32), labels.boxes[fm],
                          labels.scores[fm], labels.landmarks[fm])
+
+
+def video_frame_files(data_root: Path, every: int) -> list[tuple[str, str]]:
+    """``("videos/<file>#<k>", "video:<file>")`` for every ``every``-th frame (0, every, 2·every, ...)
+    of each video under ``data_root/videos``; none when ``every`` is 0."""
+    from facepipe.video.reading import read_frames
+
+    if every <= 0:
+        return []
+    vdir = data_root / "videos"
+    vids = sorted(f for f in vdir.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES) if vdir.is_dir() else []
+    out = []
+    for v in vids:
+        rel = str(v.relative_to(data_root))
+        # the frames that really decode (a container's frame count is an estimate)
+        out.extend((f"{rel}{FRAME_SEP}{f.index}", f"video:{v.name}")
+                   for f in read_frames(v, stride=every) if f.image is not None)
+    return out
+
+
+def load_sources(data_root: Path, sources: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(source, RGB image)`` in the order given: image files read one by one, video frames
+    (``path#k``) taken from one sequential decode of their video (only the frames asked for are kept)."""
+    from facepipe.errors import InputError
+    from facepipe.io import load_image
+    from facepipe.video.reading import read_frames
+
+    wanted: dict[str, set[int]] = {}
+    for s in sources:
+        if FRAME_SEP in s:
+            v, k = s.rsplit(FRAME_SEP, 1)
+            wanted.setdefault(v, set()).add(int(k))
+    decoded: dict[str, dict[int, np.ndarray]] = {}
+    for s in sources:
+        if FRAME_SEP not in s:
+            yield s, load_image(data_root / s)
+            continue
+        v, k = s.rsplit(FRAME_SEP, 1)
+        if v not in decoded:
+            decoded[v] = {f.index: f.image for f in read_frames(data_root / v)
+                          if f.index in wanted[v] and f.image is not None}
+        img = decoded[v].get(int(k))
+        if img is None:
+            raise InputError(data_root / v, f"frame {k} could not be decoded")
+        yield s, img
 
 
 def lfw_files(data_root: Path, max_per_person: int = 0) -> list[tuple[str, str]]:
