@@ -67,12 +67,12 @@ def averaged_weights(nets: list[Any]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Score each checkpoint, their output ensemble and their weight soup on every set."""
+    from bench_detectors import add_analysis_options
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True, type=Path,
                     help="detector checkpoint of one seed (give exactly two)")
-    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None)
+    add_analysis_options(ap, low_threshold=None)
     args = ap.parse_args(argv)
     if len(args.checkpoint) != 2:
         ap.error("give --checkpoint exactly twice (two seeds of one recipe)")
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_detectors import best_recall_at_precision, mtcnn_default_precision, run_record, write_json
-    from facepipe.datasets import data_root
+    from bench_detectors import best_recall_at_precision, detection_sets, mtcnn_default_precision, run_record, write_json
     from facepipe.detect.fpn import FPNDetector, load_detector
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
@@ -96,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     shared = all(torch.equal(a, b) for a, b in zip(nets[0].stage3.state_dict().values(),
                                                     nets[1].stage3.state_dict().values()))
     mtcnn_p = mtcnn_default_precision(args.bench)
-    root = data_root() / "detection"
+    root, sets = detection_sets()
     result: dict[str, Any] = {
         **run_record("analyse_detector_ensemble.py", argv), "checkpoints": [str(p) for p in args.checkpoint],
         "stride8_trunk_identical": shared, "sets": {}}
-    sets = sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
     for set_name in sets:
         gt = load_annotations(root / set_name)
         gtb = [list(g.boxes) for g in gt]

@@ -91,29 +91,22 @@ def _report(dets: list, gt: list, threshold: float, mtcnn_p: float | None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print/write it."""
+    from bench_detectors import add_analysis_options, detection_sets, mtcnn_default_precision, run_record, write_json
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", dest="sets", action="append", default=None,
-                    help="detection set name under $FACEPIPE_DATA/detection (default: all)")
-    ap.add_argument("--low-threshold", type=float, default=0.05, help="score floor of both passes")
+    add_analysis_options(ap, "score floor of both passes", sets=True)
     ap.add_argument("--pair-iou", type=float, default=0.5)
-    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json",
-                    help="detection benchmark JSON to read MTCNN's default precision from")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch
 
-    from bench_detectors import mtcnn_default_precision, run_record, write_json
-    from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
     from facepipe.evaluate import load_annotations
     from facepipe.io import load_image
     from facepipe.types import Box, Detection
 
     torch.set_num_threads(args.threads)
-    root = data_root() / "detection"
-    sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+    root, sets = detection_sets(args.sets)
     mtcnn_p = mtcnn_default_precision(args.bench)
     det = FPNDetector(device="cpu")
     result = {**run_record("analyse_detector_flip.py", argv),

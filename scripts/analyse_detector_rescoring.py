@@ -91,18 +91,15 @@ def size_oracle(per_image: list[tuple[np.ndarray, np.ndarray]], gtb: list[list],
 
 def main(argv: list[str] | None = None) -> int:
     """Score every box twice, re-rank by each rule, print and write the comparison."""
+    from bench_detectors import (add_analysis_options, best_recall_at_precision, detection_sets,
+                                 mtcnn_default_precision, run_record, write_json)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--low-threshold", type=float, default=0.05, help="score floor of the detector's boxes")
-    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json",
-                    help="detection benchmark JSON to read MTCNN's default precision from")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None)
+    add_analysis_options(ap, "score floor of the detector's boxes")
     args = ap.parse_args(argv)
 
     import torch
 
-    from bench_detectors import best_recall_at_precision, mtcnn_default_precision, run_record, write_json
-    from facepipe.datasets import data_root
     from facepipe.detect.cnn import classify_crops, crops_around, load_checkpoint
     from facepipe.detect.fpn import FPNDetector
     from facepipe.evaluate import load_annotations, precision_recall
@@ -113,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     det = FPNDetector(device="cpu")
     clfs = {k: load_checkpoint(k) for k in CLASSIFIERS}
     mtcnn_p = mtcnn_default_precision(args.bench)
-    root = data_root() / "detection"
-    sets = sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+    root, sets = detection_sets()
     result: dict = {**run_record("analyse_detector_rescoring.py", argv),
                     "detector": det.describe()["weights"], "classifiers": {k: Path(c.path).name for k, c in clfs.items()},
                     "sets": {}}

@@ -66,6 +66,8 @@ def side(boxes: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the passes over every detection set and score each way of combining them."""
+    from bench_detectors import add_analysis_options, detection_sets
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "facepipe" / "weights" / "detector_fpn.pt")
     ap.add_argument("--factor", type=float, action="append", default=None,
@@ -73,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine-below", type=float, action="append", default=None,
                     help="head size (px) under which the fine pass's boxes are kept (repeatable; default 32, 40)")
     ap.add_argument("--small-image", type=int, default=400, help="shorter side (px) of a 'small image'")
-    ap.add_argument("--low-threshold", type=float, default=0.05, help="score floor of the sweep")
-    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None)
+    add_analysis_options(ap)
     args = ap.parse_args(argv)
     factors = args.factor or [1.5, 2.0]
     fine = args.fine_below or [32.0, 40.0]
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_detectors import (best_recall_at_precision, mtcnn_default_precision, operating_point, run_record,
                                  write_json)
-    from facepipe.datasets import data_root
     from facepipe.detect.fpn import FPNDetector
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
@@ -99,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     det = FPNDetector(str(args.checkpoint), device="cpu")
     mtcnn_p = mtcnn_default_precision(args.bench)
-    root = data_root() / "detection"
+    root, sets = detection_sets()
     result: dict[str, Any] = {
         **run_record("analyse_detector_upscaling.py", argv), "checkpoint": args.checkpoint.name, "threshold": det.threshold,
         "small_image_px": args.small_image, "sets": {}}
-    for set_name in sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file()):
+    for set_name in sets:
         gt = load_annotations(root / set_name)
         gtb = [list(g.boxes) for g in gt]
         images = [load_image(g.path) for g in gt]

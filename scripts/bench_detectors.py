@@ -142,6 +142,29 @@ def run_record(script: str, argv: list[str] | None) -> dict[str, Any]:
             "machine": describe_machine(), "python": platform.python_version()}
 
 
+def add_analysis_options(ap: argparse.ArgumentParser, low_threshold: str | None = "score floor of the sweep",
+                         sets: bool = False) -> None:
+    """The options the detector analysis scripts share: ``--set`` (with ``sets``), ``--low-threshold``
+    (unless None; the text is its help), ``--bench``, ``--threads`` and ``--json``."""
+    if sets:
+        ap.add_argument("--set", dest="sets", action="append", default=None,
+                        help="detection set under $FACEPIPE_DATA/detection (default: all)")
+    if low_threshold is not None:
+        ap.add_argument("--low-threshold", type=float, default=0.05, help=low_threshold)
+    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json",
+                    help="detection benchmark JSON to read MTCNN's default precision from")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+
+
+def detection_sets(names: list[str] | None = None) -> tuple[Path, list[str]]:
+    """``($FACEPIPE_DATA/detection, set names)``: ``names`` or every folder there with annotations."""
+    from facepipe.datasets import data_root
+
+    root = data_root() / "detection"
+    return root, names or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+
+
 def write_json(path: Path | None, result: dict[str, Any]) -> None:
     """Write a result JSON (indented, parents created); nothing when ``path`` is None."""
     if path is not None:

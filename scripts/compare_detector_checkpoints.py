@@ -72,16 +72,12 @@ def write_sheet(crops: list[tuple[np.ndarray, tuple[float, float, float, float],
 
 def main(argv: list[str] | None = None) -> int:
     """Run every checkpoint over every set and print/write the comparison."""
+    from bench_detectors import add_analysis_options
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", default=None, metavar="NAME=PATH",
                     help="detector checkpoint to compare (repeatable; default: the shipped one)")
-    ap.add_argument("--set", dest="sets", action="append", default=None,
-                    help="detection set under $FACEPIPE_DATA/detection (default: all)")
-    ap.add_argument("--low-threshold", type=float, default=0.05, help="score floor of the sweep")
-    ap.add_argument("--bench", type=Path, default=ROOT / "docs" / "detection_bench.json",
-                    help="detection benchmark JSON to read MTCNN's default precision from")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=None)
+    add_analysis_options(ap, sets=True)
     ap.add_argument("--montage", type=Path, default=None, metavar="DIR",
                     help="write <set>_<name>_false.png / _missed.png sheets for review by eye")
     args = ap.parse_args(argv)
@@ -89,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_detectors import best_recall_at_precision as best_recall
-    from bench_detectors import match, mtcnn_default_precision, operating_point, run_record, write_json
-    from facepipe.datasets import data_root
+    from bench_detectors import detection_sets, match, mtcnn_default_precision, operating_point, run_record, write_json
     from facepipe.detect.fpn import FPNDetector
     from facepipe.evaluate import load_annotations, precision_recall
     from facepipe.io import load_image
@@ -101,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in specs:
         if not path.is_file():
             ap.error(f"--checkpoint {name}: {path} does not exist")
-    root = data_root() / "detection"
-    sets = args.sets or sorted(p.name for p in root.iterdir() if (p / "annotations.json").is_file())
+    root, sets = detection_sets(args.sets)
     mtcnn_p = mtcnn_default_precision(args.bench)
     result: dict = {**run_record("compare_detector_checkpoints.py", argv), "checkpoints": {}, "sets": {}}
     detectors = {}
