@@ -36,7 +36,6 @@ TEACHER_MIN_SIZE = 20
 POSITIVE_SCORE = 0.95
 #: Separates a video's path from a frame index in a source name: ``videos/clip.mp4#30``.
 FRAME_SEP = "#"
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
 @dataclass
@@ -137,12 +136,12 @@ def build_teacher_cache(data_root: Path, files: Sequence[tuple[str, str]], cache
 def video_frame_files(data_root: Path, every: int) -> list[tuple[str, str]]:
     """``("videos/<file>#<k>", "video:<file>")`` for every ``every``-th frame (0, every, 2·every, ...)
     of each video under ``data_root/videos``; none when ``every`` is 0."""
-    from facepipe.video.reading import read_frames
+    from facepipe.video.reading import VIDEO_EXTENSIONS, read_frames
 
     if every <= 0:
         return []
     vdir = data_root / "videos"
-    vids = sorted(f for f in vdir.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES) if vdir.is_dir() else []
+    vids = sorted(f for f in vdir.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS) if vdir.is_dir() else []
     out = []
     for v in vids:
         rel = str(v.relative_to(data_root))
